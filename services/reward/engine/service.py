@@ -1,0 +1,328 @@
+"""The reward engine: the one entry point both transports call.
+
+transport → :class:`RewardEngine` (validate, tokenize off the loop, admit) → :class:`Batcher`
+→ backend ``forward`` on the model thread → results back per item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.common.errors import INTERNAL_MESSAGE, ErrorCode, ServiceError, invalid
+from services.reward.backends.base import RewardBackend
+from services.reward.metrics import RewardMetrics
+
+from .batcher import Batcher, BatcherConfig
+from .items import (
+    CompareOutcome,
+    ItemError,
+    ItemResult,
+    Limits,
+    ModelInfo,
+    ModelRef,
+    Priority,
+    Prompt,
+    RewardInput,
+    ScoredItem,
+    ScoreOutcome,
+)
+from .normalization import Normalizer
+from .validation import validate_inputs
+
+log = logging.getLogger(__name__)
+
+
+class EngineState(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    limits: Limits = field(
+        default_factory=lambda: Limits(
+            max_items_per_request=4096, max_body_bytes=64 * 2**20, max_text_bytes=256 * 2**10,
+            max_batch_tokens=8192,
+        )
+    )
+    head_weights: tuple[float, ...] | None = None
+    normalize_mean: float | None = None
+    normalize_std: float | None = None
+    tokenizer_threads: int = 1
+
+
+class RewardEngine:
+    """Owns the backend, the batcher and the service state (starting → ready → draining)."""
+
+    def __init__(
+        self,
+        load_backend: Callable[[], RewardBackend],
+        config: EngineConfig | None = None,
+        *,
+        metrics: RewardMetrics | None = None,
+    ) -> None:
+        self._load_backend = load_backend
+        self.config = config or EngineConfig()
+        self.metrics = metrics or RewardMetrics()
+        self.state = EngineState.STARTING
+        self._backend: RewardBackend | None = None
+        self._batcher: Batcher | None = None
+        self._weights: np.ndarray | None = None
+        self._normalizer = Normalizer(self.config.normalize_mean, self.config.normalize_std)
+        self._tokenize_pool = ThreadPoolExecutor(self.config.tokenizer_threads, thread_name_prefix="reward-tokenize")
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def live(self) -> bool:
+        return self.state is not EngineState.FAILED and self.state is not EngineState.STOPPED
+
+    @property
+    def ready(self) -> bool:
+        return self.state is EngineState.READY
+
+    @property
+    def limits(self) -> Limits:
+        return self.config.limits
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._backend is None:
+            raise ServiceError(ErrorCode.UNAVAILABLE, "model is still loading")
+        return self._backend.info
+
+    @property
+    def queue_depth(self) -> int:
+        return self._batcher.queue_depth if self._batcher else 0
+
+    async def start(self) -> None:
+        """Load the model off the event loop, run a warm-up batch, then report ready."""
+        try:
+            backend = await asyncio.to_thread(self._load_backend)
+            self._weights = _head_weights(self.config.head_weights, backend.info.num_labels)
+            warm = backend.encode([RewardInput(text="Warm-up: is the model ready to score?")])
+            await asyncio.to_thread(backend.forward, warm)
+        except Exception:
+            self.state = EngineState.FAILED
+            raise
+        self._backend = backend
+        self._batcher = Batcher(backend.forward, self.config.batcher, observer=self.metrics)
+        await self._batcher.start()
+        self.state = EngineState.READY
+        self.metrics.ready.set(1)
+        log.info("model %s (%s) ready", backend.info.id, backend.info.revision)
+
+    async def drain(self, seconds: float) -> bool:
+        """Refuse new work, let admitted work finish for up to ``seconds``; True if all finished."""
+        if self.state is EngineState.READY:
+            self.state = EngineState.DRAINING
+            self.metrics.ready.set(0)
+        try:
+            await asyncio.wait_for(self._idle.wait(), seconds)
+            return True
+        except TimeoutError:
+            log.warning("drain: %d requests still running after %.1fs", self._in_flight, seconds)
+            return False
+
+    async def stop(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.stop()
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        self.state = EngineState.STOPPED
+        self.metrics.ready.set(0)
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self) -> AsyncIterator[tuple[RewardBackend, Batcher]]:
+        if self.state is EngineState.DRAINING:
+            raise ServiceError(ErrorCode.UNAVAILABLE, "server is draining; retry on another replica")
+        if self.state is not EngineState.READY or self._backend is None or self._batcher is None:
+            raise ServiceError(ErrorCode.UNAVAILABLE, "model is not ready yet")
+        self._in_flight += 1
+        self._idle.clear()
+        self.metrics.in_flight.set(self._in_flight)
+        try:
+            yield self._backend, self._batcher
+        finally:
+            self._in_flight -= 1
+            self.metrics.in_flight.set(self._in_flight)
+            if self._in_flight == 0:
+                self._idle.set()
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    def _model_ref(self, normalize: bool) -> ModelRef:
+        info = self.info
+        return ModelRef(info.id, info.revision, self._normalizer.info() if normalize else None)
+
+    async def _submit(
+        self,
+        backend: RewardBackend,
+        batcher: Batcher,
+        inputs: Sequence[RewardInput],
+        priority: Priority,
+        deadline: float | None,
+    ) -> list[_Submitted]:
+        validate_inputs(inputs, self.limits)
+        if batcher.queue_depth + len(inputs) > batcher.config.max_queue_items:
+            # Answer overload before spending time on tokenization.
+            raise ServiceError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"server overloaded: {batcher.queue_depth} items queued",
+                retry_after=batcher.retry_after(),
+            )
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(self._tokenize_pool, backend.encode, list(inputs))
+        if deadline is not None and time.monotonic() >= deadline:
+            raise ServiceError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed before scoring started")
+        truncated = sum(1 for e in encoded if e.truncated)
+        if truncated:
+            self.metrics.truncations.inc(truncated)
+        futures = batcher.submit(encoded, priority=priority, deadline=deadline)
+        return [_Submitted(f, e.num_tokens, e.truncated) for f, e in zip(futures, encoded, strict=True)]
+
+    def _result(self, sub: _Submitted) -> ItemResult:
+        fut, num_tokens, truncated = sub.future, sub.num_tokens, sub.truncated
+        if fut.cancelled():
+            return ItemError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed before the item was scored")
+        exc = fut.exception()
+        if exc is not None:
+            if isinstance(exc, ServiceError):
+                msg = INTERNAL_MESSAGE if exc.code is ErrorCode.INTERNAL else exc.message
+                return ItemError(exc.code, msg)
+            return ItemError(ErrorCode.INTERNAL, INTERNAL_MESSAGE)
+        row = np.asarray(fut.result(), dtype=np.float32).reshape(-1)
+        if self._weights is None:
+            return ScoredItem(score=float(row[0]), num_tokens=num_tokens, truncated=truncated)
+        score = float(np.float32(np.dot(self._weights, row)))
+        return ScoredItem(
+            score=score, num_tokens=num_tokens, truncated=truncated, scores=tuple(float(v) for v in row)
+        )
+
+    def _finish(self, results: list[ItemResult], model: ModelRef) -> list[ItemResult]:
+        scored = [r.score for r in results if isinstance(r, ScoredItem)]
+        self.metrics.items.labels("ok").inc(len(scored))
+        for r in results:
+            if isinstance(r, ItemError):
+                self.metrics.items.labels(r.code.value.lower()).inc()
+        for s in scored:
+            self.metrics.scores.observe(s)
+        self._normalizer.observe(scored)
+        if model.normalization is None:
+            return results
+        norm = model.normalization
+        return [
+            ScoredItem(r.score, r.num_tokens, r.truncated, r.scores, self._normalizer.apply(r.score, norm))
+            if isinstance(r, ScoredItem) else r
+            for r in results
+        ]
+
+    async def score(
+        self,
+        inputs: Sequence[RewardInput],
+        *,
+        priority: Priority = Priority.ONLINE,
+        deadline: float | None = None,
+        normalize: bool = False,
+    ) -> ScoreOutcome:
+        """Score every input; per-item errors for runtime failures, DEADLINE_EXCEEDED if none scored."""
+        async with self._admitted() as (backend, batcher):
+            subs = await self._submit(backend, batcher, inputs, priority, deadline)
+            try:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                await asyncio.wait([s.future for s in subs], timeout=timeout)
+            finally:
+                for s in subs:
+                    s.future.cancel()  # no-op for settled ones; the batcher drops the rest
+            model = self._model_ref(normalize)
+            results = [self._result(s) for s in subs]
+            if all(isinstance(r, ItemError) and r.code is ErrorCode.DEADLINE_EXCEEDED for r in results):
+                raise ServiceError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed before any item was scored")
+            return ScoreOutcome(model, self._finish(results, model))
+
+    async def score_each(
+        self,
+        inputs: Sequence[RewardInput],
+        *,
+        priority: Priority = Priority.ONLINE,
+        deadline: float | None = None,
+        normalize: bool = False,
+    ) -> AsyncIterator[tuple[int, ItemResult, ModelRef]]:
+        """Like :meth:`score`, but yield ``(index, result, model)`` as each item's batch finishes."""
+        async with self._admitted() as (backend, batcher):
+            subs = await self._submit(backend, batcher, inputs, priority, deadline)
+            model = self._model_ref(normalize)
+            index = {id(s.future): i for i, s in enumerate(subs)}
+            pending: set[asyncio.Future[np.ndarray]] = {s.future for s in subs}
+            try:
+                while pending:
+                    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                    if not done:
+                        for f in pending:
+                            f.cancel()
+                        done, pending = set(pending), set()
+                    for f in sorted(done, key=lambda f: index[id(f)]):
+                        res = self._result(subs[index[id(f)]])
+                        (res,) = self._finish([res], model)
+                        yield index[id(f)], res, model
+            finally:
+                for s in subs:
+                    s.future.cancel()
+
+    async def compare(
+        self, prompt: Prompt, responses: Sequence[str], *, deadline: float | None = None
+    ) -> CompareOutcome:
+        """Score each response to one prompt; P(i best) is the softmax of the raw scores."""
+        if not responses:
+            raise invalid("responses is empty: send at least one response")
+        outcome = await self.score(
+            [RewardInput(prompt=prompt, response=r) for r in responses], deadline=deadline
+        )
+        scores: list[float] = []
+        for r in outcome.results:
+            if isinstance(r, ItemError):
+                raise ServiceError(r.code, r.message)
+            scores.append(r.score)
+        top = max(scores)
+        exp = [math.exp(s - top) for s in scores]
+        total = sum(exp)
+        probs = [e / total for e in exp]
+        ranking = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        return CompareOutcome(outcome.model, scores, probs, ranking)
+
+
+@dataclass(frozen=True)
+class _Submitted:
+    future: asyncio.Future[np.ndarray]
+    num_tokens: int
+    truncated: bool
+
+
+def _head_weights(weights: tuple[float, ...] | None, num_labels: int) -> np.ndarray | None:
+    """None for a scalar head; for a vector head the weights of the scalar ``score`` (default: mean)."""
+    if num_labels == 1:
+        if weights is not None and len(weights) != 1:
+            raise ValueError(f"--head-weights has {len(weights)} values but the model has 1 output")
+        return None
+    if weights is None:
+        return np.full(num_labels, 1.0 / num_labels, dtype=np.float32)
+    if len(weights) != num_labels:
+        raise ValueError(f"--head-weights has {len(weights)} values but the model has {num_labels} outputs")
+    return np.asarray(weights, dtype=np.float32)

@@ -1,0 +1,92 @@
+"""Settings of the reward service: every ``serve reward`` flag, its env var and its help."""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from services.common.settings import ServiceSettings
+from services.reward.engine.batcher import BatcherConfig
+from services.reward.engine.items import Limits
+from services.reward.engine.service import EngineConfig
+
+
+class RewardSettings(ServiceSettings):
+    ENV_PREFIX: typing.ClassVar[str] = "RLHF_FEEDBACK_REWARD_"
+
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 disables HTTP.")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 disables gRPC.")
+    model: Path | None = Field(
+        None,
+        description="A local Hugging Face sequence-classification checkpoint (a folder). "
+        "Unset: the embedded default reward model (SmolLM2-135M-Instruct with a trained head).",
+    )
+    model_id: str | None = Field(None, description="Model id reported in responses (default: the folder name).")
+    backend: Literal["torch"] = Field("torch", description="Inference backend.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and compute dtype.")
+    device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (cuda when present).")
+    threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: torch's choice).")
+    max_length: int | None = Field(
+        None, gt=0, description="Maximum tokens per item (default: the model's own maximum). "
+        "Longer items lose prompt tokens from the left first and are flagged truncated."
+    )
+    max_batch_tokens: int = Field(
+        4096, gt=0, description="Token budget of one batch, counted padded (items x longest). "
+        "An item longer than this runs alone."
+    )
+    max_wait_ms: float = Field(2.0, ge=0, description="How long the first queued item waits for company.")
+    max_queue_items: int = Field(
+        16384, gt=0, description="Admitted items waiting for a batch; beyond it requests get 429 "
+        "/ RESOURCE_EXHAUSTED with a retry delay at once."
+    )
+    sort_window_items: int = Field(
+        1024, gt=0, description="How many of the oldest queued items are sorted by length when forming a batch."
+    )
+    head_weights: tuple[float, ...] | None = Field(
+        None, description="Vector heads: comma-separated weights of the scalar score (default: the mean)."
+    )
+    normalize_mean: float | None = Field(
+        None, description="Static normalisation mean (with --normalize-std); unset: running statistics."
+    )
+    normalize_std: float | None = Field(None, gt=0, description="Static normalisation standard deviation.")
+    tokenizer_threads: int = Field(1, gt=0, description="Threads that render and tokenize requests.")
+
+    @field_validator("head_weights", mode="before")
+    @classmethod
+    def _split_weights(cls, v: object) -> object:
+        if isinstance(v, str):
+            return tuple(float(x) for x in v.split(",") if x.strip())
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RewardSettings:
+        if (self.normalize_mean is None) != (self.normalize_std is None):
+            raise ValueError("--normalize-mean and --normalize-std go together")
+        if self.max_queue_items < self.max_items_per_request:
+            raise ValueError("--max-queue-items must be at least --max-items-per-request")
+        if self.http_port == 0 and self.grpc_port == 0:
+            raise ValueError("both transports are disabled (--http-port 0 and --grpc-port 0)")
+        return self
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            batcher=BatcherConfig(
+                max_batch_tokens=self.max_batch_tokens,
+                max_wait_ms=self.max_wait_ms,
+                max_queue_items=self.max_queue_items,
+                sort_window_items=self.sort_window_items,
+            ),
+            limits=Limits(
+                max_items_per_request=self.max_items_per_request,
+                max_body_bytes=self.max_body_bytes,
+                max_text_bytes=self.max_text_bytes,
+                max_batch_tokens=self.max_batch_tokens,
+            ),
+            head_weights=self.head_weights,
+            normalize_mean=self.normalize_mean,
+            normalize_std=self.normalize_std,
+            tokenizer_threads=self.tokenizer_threads,
+        )
