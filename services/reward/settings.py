@@ -52,7 +52,6 @@ class RewardSettings(ServiceSettings):
         None, description="Static normalisation mean (with --normalize-std); unset: running statistics."
     )
     normalize_std: float | None = Field(None, gt=0, description="Static normalisation standard deviation.")
-    tokenizer_threads: int = Field(1, gt=0, description="Threads that render and tokenize requests.")
 
     @field_validator("head_weights", mode="before")
     @classmethod
@@ -88,5 +87,4 @@ class RewardSettings(ServiceSettings):
             head_weights=self.head_weights,
             normalize_mean=self.normalize_mean,
             normalize_std=self.normalize_std,
-            tokenizer_threads=self.tokenizer_threads,
         )

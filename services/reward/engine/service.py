@@ -62,7 +62,6 @@ class EngineConfig:
     head_weights: tuple[float, ...] | None = None
     normalize_mean: float | None = None
     normalize_std: float | None = None
-    tokenizer_threads: int = 1
 
 
 class RewardEngine:
@@ -83,7 +82,8 @@ class RewardEngine:
         self._batcher: Batcher | None = None
         self._weights: np.ndarray | None = None
         self._normalizer = Normalizer(self.config.normalize_mean, self.config.normalize_std)
-        self._tokenize_pool = ThreadPoolExecutor(self.config.tokenizer_threads, thread_name_prefix="reward-tokenize")
+        # One thread: HF fast tokenizers are not safe to call from several threads at once.
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="reward-tokenize")
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()

@@ -1,0 +1,272 @@
+"""Transport plumbing every grpc.aio server of the project shares (reward now, judge later).
+
+- :class:`ApiKeyInterceptor`: ``authorization: Bearer`` via :func:`services.common.auth.check_bearer`;
+  health and reflection stay open.
+- :func:`safe_deserializer`: requests that are too large, malformed or carry a string that is not
+  valid UTF-8 become INVALID_ARGUMENT (grpc's own deserializer failure would be INTERNAL, and its
+  own size limit RESOURCE_EXHAUSTED, which the error table reserves for overload).
+- :func:`unary_handler` / :func:`stream_handler`: wrap a servicer method with the request id
+  (``x-request-id`` echoed or generated, sent as initial metadata), the mapping of
+  :class:`ServiceError` through the one error table, the generic INTERNAL answer for bugs, and
+  the request metric.
+- :func:`server_options`: connection age, message size limits.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from services.common.auth import OPEN_GRPC_PREFIXES, check_bearer
+from services.common.errors import INTERNAL_MESSAGE, ServiceError, invalid
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+RETRY_DELAY_MS_KEY = "retry-delay-ms"
+RETRY_AFTER_KEY = "retry-after"
+ERROR_ITEM_KEY = "error-item"
+
+_REQUEST_ID_OK = re.compile(r"^[\x21-\x7e]{1,128}$")  # visible ASCII, bounded: safe to log and echo
+
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+class RequestMetrics(Protocol):
+    def on_request(self, transport: str, method: str, status: str) -> None: ...
+
+
+# -- request decoding --------------------------------------------------------------------------
+
+
+class Rejected:
+    """What :func:`safe_deserializer` hands the handler instead of a request it could not accept."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: ServiceError) -> None:
+        self.error = error
+
+
+def safe_deserializer(message_cls: type[M], max_bytes: int) -> Callable[[bytes], M | Rejected]:
+    """A request deserializer that never raises: oversized or undecodable input → :class:`Rejected`."""
+    name = message_cls.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> M | Rejected:
+        if len(data) > max_bytes:
+            return Rejected(invalid(f"request message of {len(data)} bytes exceeds --max-body-bytes {max_bytes}"))
+        try:
+            return message_cls.FromString(data)
+        except DecodeError:
+            return Rejected(
+                invalid(f"request is not a valid {name}: malformed protobuf or a string that is not valid UTF-8")
+            )
+
+    return deserialize
+
+
+def accept(request: T | Rejected) -> T:
+    """The request itself, or raise the INVALID_ARGUMENT that rejected it."""
+    if isinstance(request, Rejected):
+        raise request.error
+    return request
+
+
+# -- server options ----------------------------------------------------------------------------
+
+
+def grpc_message_limit(max_body_bytes: int) -> int:
+    """grpc's own receive limit: above ours, so that our check (INVALID_ARGUMENT) answers first."""
+    return int(min(2**31 - 1, 2 * max_body_bytes + 2**20))
+
+
+def server_options(
+    *, max_body_bytes: int, max_connection_age_s: float, max_connection_age_grace_s: float
+) -> list[tuple[str, Any]]:
+    limit = grpc_message_limit(max_body_bytes)
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(max_connection_age_grace_s * 1000)),
+        ("grpc.so_reuseport", 0),  # never share a port silently with another server
+    ]
+
+
+# -- auth --------------------------------------------------------------------------------------
+
+
+def _metadata_value(metadata: Sequence[tuple[str, str | bytes]] | None, key: str) -> str | None:
+    for k, v in metadata or ():
+        if k == key:
+            return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+    return None
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Reject calls without ``authorization: Bearer <api_key>``; health and reflection stay open."""
+
+    def __init__(self, api_key: str | None, *, metrics: RequestMetrics | None = None) -> None:
+        self._api_key = api_key
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method or ""
+        if self._api_key is None or method.startswith(OPEN_GRPC_PREFIXES):
+            return await continuation(handler_call_details)
+        try:
+            check_bearer(_metadata_value(handler_call_details.invocation_metadata, "authorization"), self._api_key)
+        except ServiceError as err:
+            if self._metrics is not None:
+                self._metrics.on_request("grpc", method.rsplit("/", 1)[-1], err.grpc_code.name)
+            handler = await continuation(handler_call_details)
+            return _abort_handler(handler, err)
+        return await continuation(handler_call_details)
+
+
+def _abort_handler(handler: grpc.RpcMethodHandler | None, err: ServiceError) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that answers ``err`` without running anything."""
+
+    async def abort_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(err.grpc_code, err.message)
+
+    async def abort_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(err.grpc_code, err.message)
+        yield  # pragma: no cover (makes this an async generator)
+
+    # Keep the real deserializer so that an unauthenticated request is still read off the wire.
+    deser = handler.request_deserializer if handler is not None else None
+    ser = handler.response_serializer if handler is not None else None
+    streaming_in = handler is not None and handler.request_streaming
+    streaming_out = handler is not None and handler.response_streaming
+    if streaming_in and streaming_out:
+        return grpc.stream_stream_rpc_method_handler(abort_stream, deser, ser)
+    if streaming_in:
+        return grpc.stream_unary_rpc_method_handler(abort_unary, deser, ser)
+    if streaming_out:
+        return grpc.unary_stream_rpc_method_handler(abort_stream, deser, ser)
+    return grpc.unary_unary_rpc_method_handler(abort_unary, deser, ser)
+
+
+# -- per-call wrapping: request id, error mapping, metrics --------------------------------------
+
+
+async def begin_call(context: grpc.aio.ServicerContext) -> str:
+    """Echo the caller's ``x-request-id`` (or a new one) as initial metadata; return it."""
+    given = _metadata_value(context.invocation_metadata(), REQUEST_ID_KEY)
+    request_id = given if given is not None and _REQUEST_ID_OK.match(given) else uuid.uuid4().hex
+    await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+    return request_id
+
+
+def error_trailers(err: ServiceError) -> tuple[tuple[str, str], ...]:
+    trailers: list[tuple[str, str]] = []
+    if err.retry_after is not None:
+        trailers.append((RETRY_DELAY_MS_KEY, str(max(0, round(err.retry_after * 1000)))))
+        trailers.append((RETRY_AFTER_KEY, f"{err.retry_after:g}"))
+    if err.item is not None:
+        trailers.append((ERROR_ITEM_KEY, str(err.item)))
+    return tuple(trailers)
+
+
+def error_details(err: ServiceError) -> str:
+    return f"item {err.item}: {err.message}" if err.item is not None else err.message
+
+
+async def abort_with(context: grpc.aio.ServicerContext, err: ServiceError) -> None:
+    """Answer ``err`` through the one error table (code, message, retry delay, item index)."""
+    await context.abort(err.grpc_code, error_details(err), trailing_metadata=error_trailers(err))
+
+
+def _status_name(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
+    """The status a failed call ends with, for the request metric."""
+    if isinstance(exc, grpc.aio.AbortError):  # the method aborted the call itself
+        code = context.code()
+        return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    if isinstance(exc, ServiceError):
+        return exc.grpc_code.name
+    if isinstance(exc, Exception):
+        return "INTERNAL"
+    return "CANCELLED"  # the client went away, or the server is shutting down
+
+
+async def _fail(
+    exc: Exception, context: grpc.aio.ServicerContext, method: str, request_id: str | None
+) -> None:
+    """Abort the call for ``exc`` (the abort raises); return only when an abort is already under
+    way, and the caller re-raises it."""
+    if isinstance(exc, grpc.aio.AbortError):
+        return
+    if isinstance(exc, ServiceError):
+        await abort_with(context, exc)
+    log.error("gRPC %s (request %s) failed", method, request_id, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+
+def unary_handler(
+    method: str,
+    fn: Callable[[Req, grpc.aio.ServicerContext, str], Awaitable[Resp]],
+    metrics: RequestMetrics,
+) -> Callable[[Req | Rejected, grpc.aio.ServicerContext], Awaitable[Resp]]:
+    """Wrap a unary-unary servicer method ``fn(request, context, request_id)``."""
+
+    async def handle(request: Req | Rejected, context: grpc.aio.ServicerContext) -> Resp:
+        status = "UNKNOWN"
+        request_id: str | None = None
+        try:
+            request_id = await begin_call(context)
+            response = await fn(accept(request), context, request_id)
+            status = "OK"
+            return response
+        except BaseException as exc:
+            status = _status_name(exc, context)
+            if isinstance(exc, Exception):
+                await _fail(exc, context, method, request_id)
+            raise
+        finally:
+            metrics.on_request("grpc", method, status)
+
+    return handle
+
+
+def stream_handler(
+    method: str,
+    fn: Callable[[AsyncIterator[Req | Rejected], grpc.aio.ServicerContext, str], AsyncIterator[Resp]],
+    metrics: RequestMetrics,
+) -> Callable[[AsyncIterator[Req | Rejected], grpc.aio.ServicerContext], AsyncIterator[Resp]]:
+    """Wrap a stream-stream servicer method ``fn(request_iterator, context, request_id)``.
+
+    ``fn`` receives the raw iterator (items may be :class:`Rejected`; pass each through
+    :func:`accept`) so that it decides what one bad message means for the rest of the stream.
+    """
+
+    async def handle(requests: AsyncIterator[Req | Rejected], context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
+        status = "UNKNOWN"
+        request_id: str | None = None
+        try:
+            request_id = await begin_call(context)
+            async for response in fn(requests, context, request_id):
+                yield response
+            status = "OK"
+        except BaseException as exc:
+            status = _status_name(exc, context)
+            if isinstance(exc, Exception):
+                await _fail(exc, context, method, request_id)
+            raise
+        finally:
+            metrics.on_request("grpc", method, status)
+
+    return handle

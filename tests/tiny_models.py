@@ -1,0 +1,80 @@
+"""Tiny random reward models built from configs (real loading code, seconds to run, no hub)."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Reward models score a prompt and a response; higher is better.",
+    "How do I bake bread? Mix flour, water, salt and yeast, then knead and wait.",
+    "Human: what is the capital of France?\n\nAssistant: Paris is the capital of France.",
+    "I cannot help with that request, but here is something safer you could try instead.",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation !?.,;:'\"()[]{}<>-_/\\|@#$%^&*+=~` matter.",
+] * 20
+
+
+def make_tiny_llama(out: Path, *, pad_is_eos: bool = True, max_position: int = 96, seed: int = 0) -> Path:
+    """A 2-layer Llama reward model with a ChatML template; pad == eos by default (the hard case)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+        pad_token="<|endoftext|>" if pad_is_eos else "<pad>", unk_token=None,
+    )
+    fast.chat_template = CHATML
+    fast.model_max_length = max_position
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position,
+        num_labels=1, pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id,
+        bos_token_id=fast.bos_token_id,
+    )
+    model = LlamaForSequenceClassification(config)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)  # a visible signal, not near-zero scores
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+def make_tiny_bert(out: Path, *, num_labels: int = 1, max_position: int = 64, seed: int = 0) -> Path:
+    """A 2-layer BERT reward model with a WordPiece vocabulary written here (no chat template)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    words = sorted({w.strip(string.punctuation).lower() for line in CORPUS for w in line.split()} - {""})
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars), *words]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
+    tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), model_max_length=max_position)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=max_position, num_labels=num_labels,
+    )
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 1.0)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
