@@ -47,9 +47,7 @@ def _run_serve_reward(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"rlhf-feedback serve reward: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(serve_reward(settings))
 
 

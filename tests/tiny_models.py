@@ -6,6 +6,9 @@ import string
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -36,16 +39,26 @@ def make_tiny_llama(out: Path, *, pad_is_eos: bool = True, max_position: int = 9
     )
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-        pad_token="<|endoftext|>" if pad_is_eos else "<pad>", unk_token=None,
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|endoftext|>" if pad_is_eos else "<pad>",
+        unk_token=None,
     )
     fast.chat_template = CHATML
     fast.model_max_length = max_position
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position,
-        num_labels=1, pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id,
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position,
+        num_labels=1,
+        pad_token_id=fast.pad_token_id,
+        eos_token_id=fast.eos_token_id,
         bos_token_id=fast.bos_token_id,
     )
     model = LlamaForSequenceClassification(config)
@@ -69,8 +82,13 @@ def make_tiny_bert(out: Path, *, num_labels: int = 1, max_position: int = 64, se
     tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), model_max_length=max_position)
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=max_position, num_labels=num_labels,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=max_position,
+        num_labels=num_labels,
     )
     model = BertForSequenceClassification(config)
     with torch.no_grad():

@@ -30,17 +30,22 @@ class RewardSettings(ServiceSettings):
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (cuda when present).")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: torch's choice).")
     max_length: int | None = Field(
-        None, gt=0, description="Maximum tokens per item (default: the model's own maximum). "
-        "Longer items lose prompt tokens from the left first and are flagged truncated."
+        None,
+        gt=0,
+        description="Maximum tokens per item (default: the model's own maximum). "
+        "Longer items lose prompt tokens from the left first and are flagged truncated.",
     )
     max_batch_tokens: int = Field(
-        4096, gt=0, description="Token budget of one batch, counted padded (items x longest). "
-        "An item longer than this runs alone."
+        4096,
+        gt=0,
+        description="Token budget of one batch, counted padded (items x longest). An item longer than this runs alone.",
     )
     max_wait_ms: float = Field(2.0, ge=0, description="How long the first queued item waits for company.")
     max_queue_items: int = Field(
-        16384, gt=0, description="Admitted items waiting for a batch; beyond it requests get 429 "
-        "/ RESOURCE_EXHAUSTED with a retry delay at once."
+        16384,
+        gt=0,
+        description="Admitted items waiting for a batch; beyond it requests get 429 "
+        "/ RESOURCE_EXHAUSTED with a retry delay at once.",
     )
     sort_window_items: int = Field(
         1024, gt=0, description="How many of the oldest queued items are sorted by length when forming a batch."

@@ -31,8 +31,14 @@ class FakeBackend:
         fail_when: Callable[[Sequence[EncodedItem]], bool] | None = None,
     ) -> None:
         self.info = ModelInfo(
-            id="fake", revision="0" * 16, architecture="Fake", backend="fake", dtype="float32",
-            device="cpu", max_length=max_length, num_labels=num_labels,
+            id="fake",
+            revision="0" * 16,
+            architecture="Fake",
+            backend="fake",
+            dtype="float32",
+            device="cpu",
+            max_length=max_length,
+            num_labels=num_labels,
             label_names=tuple(f"LABEL_{i}" for i in range(num_labels)),
         )
         self.gate = gate
@@ -54,8 +60,10 @@ class FakeBackend:
                 last = x.messages[-1]
                 resp_ids = self._tokens(f"{last.role}:{last.content}\n")
             else:
-                p = x.prompt if isinstance(x.prompt, str) else "".join(
-                    f"{m.role}:{m.content}\n" for m in x.prompt or ()
+                p = (
+                    x.prompt
+                    if isinstance(x.prompt, str)
+                    else "".join(f"{m.role}:{m.content}\n" for m in x.prompt or ())
                 )
                 prompt_ids, resp_ids = self._tokens(p), self._tokens(x.response or "")
             if not prompt_ids and not resp_ids:
@@ -63,10 +71,8 @@ class FakeBackend:
             excess = max(0, len(prompt_ids) + len(resp_ids) - self.info.max_length)
             cut = min(excess, len(prompt_ids))
             prompt_ids = prompt_ids[cut:]
-            resp_ids = resp_ids[excess - cut:]
-            out.append(
-                EncodedItem(tuple(prompt_ids + resp_ids), truncated=excess > 0, prompt_tokens=len(prompt_ids))
-            )
+            resp_ids = resp_ids[excess - cut :]
+            out.append(EncodedItem(tuple(prompt_ids + resp_ids), truncated=excess > 0, prompt_tokens=len(prompt_ids)))
         return out
 
     def forward(self, batch: Sequence[EncodedItem]) -> np.ndarray:

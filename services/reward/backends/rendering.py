@@ -78,7 +78,7 @@ class Renderer:
     def _encode_one(self, item: RewardInput) -> EncodedItem:
         if item.text is not None:
             ids = self._ids(item.text)
-            keep = ids[-self.max_length:] if len(ids) > self.max_length else ids
+            keep = ids[-self.max_length :] if len(ids) > self.max_length else ids
             return EncodedItem(tuple(keep), truncated=len(keep) < len(ids))
         if self.has_template:
             return self._encode_templated(item)
@@ -149,8 +149,10 @@ class Renderer:
     def _item(enc: Any, *, truncated: bool, prompt_tokens: int) -> EncodedItem:
         tt = enc.get("token_type_ids")
         return EncodedItem(
-            tuple(enc["input_ids"]), truncated=truncated,
-            token_type_ids=tuple(tt) if tt is not None else None, prompt_tokens=prompt_tokens,
+            tuple(enc["input_ids"]),
+            truncated=truncated,
+            token_type_ids=tuple(tt) if tt is not None else None,
+            prompt_tokens=prompt_tokens,
         )
 
     def _truncate(self, ids: list[int], boundary: int, budget: int | None = None) -> EncodedItem:

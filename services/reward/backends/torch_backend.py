@@ -123,10 +123,10 @@ class TorchRewardBackend:
         for row, it in enumerate(batch):
             k = it.num_tokens
             start = width - k if self.padding_side == "left" and self.is_decoder else 0
-            ids[row, start:start + k] = torch.tensor(it.input_ids, dtype=torch.long)
-            mask[row, start:start + k] = 1
+            ids[row, start : start + k] = torch.tensor(it.input_ids, dtype=torch.long)
+            mask[row, start : start + k] = 1
             if tt is not None and it.token_type_ids:
-                tt[row, start:start + k] = torch.tensor(it.token_type_ids, dtype=torch.long)
+                tt[row, start : start + k] = torch.tensor(it.token_type_ids, dtype=torch.long)
             offsets.append(start)
         return ids, mask, tt, offsets
 

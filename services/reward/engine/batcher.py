@@ -9,6 +9,7 @@ wrong number of rows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -34,9 +35,7 @@ class BatchObserver(Protocol):
 
     def on_queue_depth(self, items: int) -> None: ...
 
-    def on_batch(
-        self, *, items: int, padded_tokens: int, real_tokens: int, queue_seconds: Sequence[float]
-    ) -> None: ...
+    def on_batch(self, *, items: int, padded_tokens: int, real_tokens: int, queue_seconds: Sequence[float]) -> None: ...
 
     def on_inference(self, seconds: float) -> None: ...
 
@@ -45,9 +44,7 @@ class _NullObserver:
     def on_queue_depth(self, items: int) -> None:
         pass
 
-    def on_batch(
-        self, *, items: int, padded_tokens: int, real_tokens: int, queue_seconds: Sequence[float]
-    ) -> None:
+    def on_batch(self, *, items: int, padded_tokens: int, real_tokens: int, queue_seconds: Sequence[float]) -> None:
         pass
 
     def on_inference(self, seconds: float) -> None:
@@ -164,10 +161,8 @@ class Batcher:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
         self._tasks = []
         err = ServiceError(ErrorCode.UNAVAILABLE, "server shutting down")
         while not self._handoff.empty():
@@ -249,7 +244,7 @@ class Batcher:
                     break
                 batch.append(p)
                 longest = longest_if
-            rest = sorted(window[len(batch):], key=lambda p: p.seq)
+            rest = sorted(window[len(batch) :], key=lambda p: p.seq)
             queue.extendleft(reversed(rest))
             self._queued += len(rest)
             self._observer.on_queue_depth(self._queued)

@@ -55,7 +55,9 @@ class EngineConfig:
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     limits: Limits = field(
         default_factory=lambda: Limits(
-            max_items_per_request=4096, max_body_bytes=64 * 2**20, max_text_bytes=256 * 2**10,
+            max_items_per_request=4096,
+            max_body_bytes=64 * 2**20,
+            max_text_bytes=256 * 2**10,
             max_batch_tokens=8192,
         )
     )
@@ -211,9 +213,7 @@ class RewardEngine:
         if self._weights is None:
             return ScoredItem(score=float(row[0]), num_tokens=num_tokens, truncated=truncated)
         score = float(np.float32(np.dot(self._weights, row)))
-        return ScoredItem(
-            score=score, num_tokens=num_tokens, truncated=truncated, scores=tuple(float(v) for v in row)
-        )
+        return ScoredItem(score=score, num_tokens=num_tokens, truncated=truncated, scores=tuple(float(v) for v in row))
 
     def _finish(self, results: list[ItemResult], model: ModelRef) -> list[ItemResult]:
         scored = [r.score for r in results if isinstance(r, ScoredItem)]
@@ -229,7 +229,8 @@ class RewardEngine:
         norm = model.normalization
         return [
             ScoredItem(r.score, r.num_tokens, r.truncated, r.scores, self._normalizer.apply(r.score, norm))
-            if isinstance(r, ScoredItem) else r
+            if isinstance(r, ScoredItem)
+            else r
             for r in results
         ]
 
@@ -292,9 +293,7 @@ class RewardEngine:
         """Score each response to one prompt; P(i best) is the softmax of the raw scores."""
         if not responses:
             raise invalid("responses is empty: send at least one response")
-        outcome = await self.score(
-            [RewardInput(prompt=prompt, response=r) for r in responses], deadline=deadline
-        )
+        outcome = await self.score([RewardInput(prompt=prompt, response=r) for r in responses], deadline=deadline)
         scores: list[float] = []
         for r in outcome.results:
             if isinstance(r, ItemError):

