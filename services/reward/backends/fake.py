@@ -2,7 +2,7 @@
 
 Tokens are UTF-8 bytes; the score of an item is a fixed function of its tokens, so any batch
 composition gives the same numbers. ``gate`` lets a test hold the forward pass; ``fail_when``
-makes a batch raise; ``batches`` records what reached the model.
+makes a batch raise; ``bug_text`` makes ``encode`` raise (a stand-in for a bug); ``batches`` records what reached the model.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class FakeBackend:
         num_labels: int = 1,
         gate: threading.Event | None = None,
         fail_when: Callable[[Sequence[EncodedItem]], bool] | None = None,
+        bug_text: str | None = None,
     ) -> None:
         self.info = ModelInfo(
             id="fake",
@@ -43,6 +44,7 @@ class FakeBackend:
         )
         self.gate = gate
         self.fail_when = fail_when
+        self.bug_text = bug_text  # a text item equal to this makes encode() raise: a stand-in for a bug
         self.batches: list[list[EncodedItem]] = []
         self.entered = threading.Event()
 
@@ -52,6 +54,8 @@ class FakeBackend:
     def encode(self, inputs: Sequence[RewardInput]) -> list[EncodedItem]:
         out = []
         for i, x in enumerate(inputs):
+            if x.text is not None and x.text == self.bug_text:
+                raise RuntimeError("secret internal detail that must not reach clients")
             if x.text is not None:
                 prompt_ids: list[int] = []
                 resp_ids = self._tokens(x.text)
