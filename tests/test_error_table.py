@@ -120,7 +120,9 @@ async def test_unauthenticated_and_forbidden() -> None:
         resp, err = await both_fail(b, ONE, ONE_PB, headers={}, metadata=())
         agree(ErrorCode.UNAUTHENTICATED, resp, err)
         wrong = "Bearer nope"
-        resp, err = await both_fail(b, ONE, ONE_PB, headers={"Authorization": wrong}, metadata=(("authorization", wrong),))
+        resp, err = await both_fail(
+            b, ONE, ONE_PB, headers={"Authorization": wrong}, metadata=(("authorization", wrong),)
+        )
         agree(ErrorCode.PERMISSION_DENIED, resp, err)
 
 
@@ -143,7 +145,7 @@ async def test_overloaded_with_retry_delay() -> None:
         assert time.perf_counter() - t0 < 1.0
         agree(ErrorCode.RESOURCE_EXHAUSTED, resp, err)
         assert float(resp.headers["Retry-After"]) >= 1
-        trailing = dict(err.trailing_metadata() or ())
+        trailing: dict[str, Any] = dict(err.trailing_metadata() or ())  # type: ignore[arg-type]
         assert int(trailing["retry-delay-ms"]) > 0
         gate.set()
         assert (await t1).status_code == 200 and (await t2).status_code == 200
@@ -206,4 +208,3 @@ def test_every_row_is_walked() -> None:
         ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL,
     }  # fmt: skip
     assert walked == set(ERROR_TABLE)
-

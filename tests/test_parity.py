@@ -44,8 +44,10 @@ def json_items() -> list[dict[str, Any]]:
     items += [{"text": "  leading and trailing spaces stay  \n"}]
     items += [{"prompt": text_of(n), "response": text_of(m)} for n, m in ((1, 1), (3, 9), (20, 4), (60, 5), (2, 90))]
     items += [
-        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text_of(6)}],
-         "response": text_of(7)},
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text_of(6)}],
+            "response": text_of(7),
+        },
         {"messages": [{"role": "user", "content": text_of(4)}, {"role": "assistant", "content": text_of(12)}]},
         {"messages": [{"role": "user", "content": text_of(80)}, {"role": "assistant", "content": text_of(3)}]},
     ]
@@ -170,7 +172,8 @@ async def test_http_and_grpc_scores_equal_unbatched_transformers(stack: Stack) -
 
 async def http_calls_again(stack: Stack, item: dict[str, Any]) -> list[dict[str, Any]]:
     resp = await stack.http.post("/v1/score", json={"inputs": [item] * 5 + [{"text": text_of(60)}] * 3})
-    return resp.json()["results"][:5]  # type: ignore[no-any-return]
+    results: list[dict[str, Any]] = resp.json()["results"][:5]
+    return results
 
 
 async def test_truncated_items_keep_the_response_and_score_like_their_kept_ids(stack: Stack) -> None:
@@ -186,7 +189,9 @@ async def test_truncated_items_keep_the_response_and_score_like_their_kept_ids(s
             assert list(enc.input_ids) == full[-ref.max_len :]  # the end is kept, the prompt cut from the left
         resp = await stack.http.post("/v1/score", json={"inputs": [item]})
         score = resp.json()["results"][0]["score"]
-        assert abs(score - ref.score(list(enc.input_ids), list(enc.token_type_ids) if enc.token_type_ids else None)) <= TOL
+        assert (
+            abs(score - ref.score(list(enc.input_ids), list(enc.token_type_ids) if enc.token_type_ids else None)) <= TOL
+        )
 
 
 def _input(item: dict[str, Any]) -> Any:

@@ -72,7 +72,10 @@ def make_tiny_llama(out: Path, *, pad_is_eos: bool = True, max_position: int = 9
 
 def make_tiny_bert(out: Path, *, num_labels: int = 1, max_position: int = 64, seed: int = 0) -> Path:
     """A 2-layer BERT reward model with a WordPiece vocabulary written here (no chat template)."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    import transformers
+    from transformers import BertConfig, BertForSequenceClassification
+
+    BertTokenizerFast = getattr(transformers, "BertTokenizerFast")  # noqa: B009  # lazy alias, unknown to mypy
 
     words = sorted({w.strip(string.punctuation).lower() for line in CORPUS for w in line.split()} - {""})
     chars = list(string.ascii_lowercase + string.digits + string.punctuation)

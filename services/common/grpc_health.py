@@ -61,7 +61,7 @@ class CallableHealthServicer(health_pb2_grpc.HealthServicer):
         self._shutting_down = True
         self.refresh()
 
-    async def Check(  # noqa: N802 (the gRPC method name)
+    async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
         status = self.status(request.service)
@@ -69,7 +69,7 @@ class CallableHealthServicer(health_pb2_grpc.HealthServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=status)
 
-    async def Watch(  # noqa: N802 (the gRPC method name)
+    async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         last: int | None = None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -105,7 +105,8 @@ def server_options(
 # -- auth --------------------------------------------------------------------------------------
 
 
-def _metadata_value(metadata: Sequence[tuple[str, str | bytes]] | None, key: str) -> str | None:
+def _metadata_value(metadata: Any, key: str) -> str | None:
+    """The first value of ``key`` in call metadata (a sequence of (key, value) pairs)."""
     for k, v in metadata or ():
         if k == key:
             return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
@@ -203,9 +204,7 @@ def _status_name(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
     return "CANCELLED"  # the client went away, or the server is shutting down
 
 
-async def _fail(
-    exc: Exception, context: grpc.aio.ServicerContext, method: str, request_id: str | None
-) -> None:
+async def _fail(exc: Exception, context: grpc.aio.ServicerContext, method: str, request_id: str | None) -> None:
     """Abort the call for ``exc`` (the abort raises); return only when an abort is already under
     way, and the caller re-raises it."""
     if isinstance(exc, grpc.aio.AbortError):

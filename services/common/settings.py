@@ -41,18 +41,20 @@ class ServiceSettings(BaseModel):
         "File holding the API key clients must send as 'Authorization: Bearer KEY' "
         "(health and metrics stay open). The key itself may come from RLHF_FEEDBACK_API_KEY.",
     )
-    api_key: str | None = shared(
-        None, "The API key itself (prefer --api-key-file: flags show up in process lists)."
-    )
+    api_key: str | None = shared(None, "The API key itself (prefer --api-key-file: flags show up in process lists).")
     tls_cert: Path | None = shared(None, "PEM certificate chain; with --tls-key, serve TLS.")
     tls_key: Path | None = shared(None, "PEM private key for --tls-cert.")
     drain_seconds: float = Field(
-        30.0, ge=0, description="On SIGTERM: readiness goes false, new work is refused, and "
-        "admitted work gets this long to finish before the process exits."
+        30.0,
+        ge=0,
+        description="On SIGTERM: readiness goes false, new work is refused, and "
+        "admitted work gets this long to finish before the process exits.",
     )
     max_body_bytes: int = Field(64 * 2**20, gt=0, description="Largest request body (HTTP) or message (gRPC).")
     max_items_per_request: int = Field(4096, gt=0, description="Most items one request may carry.")
-    max_text_bytes: int = Field(256 * 2**10, gt=0, description="Longest single text, in UTF-8 bytes; longer is rejected.")
+    max_text_bytes: int = Field(
+        256 * 2**10, gt=0, description="Longest single text, in UTF-8 bytes; longer is rejected."
+    )
     grpc_max_connection_age_s: float = Field(
         300.0, gt=0, description="Close gRPC connections after this long so load balancers can rebalance."
     )
@@ -94,13 +96,20 @@ class ServiceSettings(BaseModel):
             choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else None
             if kind is bool:
                 parser.add_argument(
-                    flag, dest=name, action=argparse.BooleanOptionalAction,
-                    default=argparse.SUPPRESS, help=help_text,
+                    flag,
+                    dest=name,
+                    action=argparse.BooleanOptionalAction,
+                    default=argparse.SUPPRESS,
+                    help=help_text,
                 )
             else:
                 parser.add_argument(
-                    flag, dest=name, default=argparse.SUPPRESS, help=help_text,
-                    choices=choices, metavar=None if choices else name.upper(),
+                    flag,
+                    dest=name,
+                    default=argparse.SUPPRESS,
+                    help=help_text,
+                    choices=choices,
+                    metavar=None if choices else name.upper(),
                 )
 
     @classmethod

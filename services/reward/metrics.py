@@ -19,12 +19,15 @@ class RewardMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "rlhf_reward_requests", "Requests by transport, method and status.",
-            ["transport", "method", "status"], registry=r,
+            "rlhf_reward_requests",
+            "Requests by transport, method and status.",
+            ["transport", "method", "status"],
+            registry=r,
         )
         self.items = Counter("rlhf_reward_items", "Items scored, by outcome.", ["outcome"], registry=r)
         self.queue_depth = Gauge(
-            "rlhf_reward_queue_depth", "Items admitted and waiting for a batch (autoscaling signal).",
+            "rlhf_reward_queue_depth",
+            "Items admitted and waiting for a batch (autoscaling signal).",
             registry=r,
         )
         self.in_flight = Gauge("rlhf_reward_requests_in_flight", "Requests being handled.", registry=r)
@@ -33,8 +36,10 @@ class RewardMetrics:
             "rlhf_reward_batch_tokens", "Padded tokens per batch.", buckets=_TOKENS, registry=r
         )
         self.padding_ratio = Histogram(
-            "rlhf_reward_padding_ratio", "Share of a batch's tokens that are padding.",
-            buckets=(0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), registry=r,
+            "rlhf_reward_padding_ratio",
+            "Share of a batch's tokens that are padding.",
+            buckets=(0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
+            registry=r,
         )
         self.padded_tokens = Counter("rlhf_reward_padded_tokens", "Padded tokens run.", registry=r)
         self.real_tokens = Counter("rlhf_reward_real_tokens", "Real (unpadded) tokens run.", registry=r)
@@ -46,8 +51,10 @@ class RewardMetrics:
         )
         self.truncations = Counter("rlhf_reward_truncations", "Items truncated to the maximum length.", registry=r)
         self.scores = Histogram(
-            "rlhf_reward_score", "Raw scores returned (watch for reward drift or hacking).",
-            buckets=_SCORES, registry=r,
+            "rlhf_reward_score",
+            "Raw scores returned (watch for reward drift or hacking).",
+            buckets=_SCORES,
+            registry=r,
         )
         self.ready = Gauge("rlhf_reward_ready", "1 when the model is loaded and warm.", registry=r)
 
@@ -55,9 +62,7 @@ class RewardMetrics:
     def on_queue_depth(self, items: int) -> None:
         self.queue_depth.set(items)
 
-    def on_batch(
-        self, *, items: int, padded_tokens: int, real_tokens: int, queue_seconds: Sequence[float]
-    ) -> None:
+    def on_batch(self, *, items: int, padded_tokens: int, real_tokens: int, queue_seconds: Sequence[float]) -> None:
         self.batch_size.observe(items)
         self.batch_tokens.observe(padded_tokens)
         self.padded_tokens.inc(padded_tokens)

@@ -42,8 +42,7 @@ async def serve_reward(settings: RewardSettings, *, stop: asyncio.Event | None =
     grpc_server = None
     if settings.grpc_port:
         grpc_server = create_grpc_server(engine, settings, api_key=api_key)
-        port = await grpc_server.start()
-        log.info("gRPC listening on %s:%d", settings.host, port)
+        await grpc_server.start()
 
     def refresh() -> None:
         if grpc_server is not None:

@@ -2,7 +2,8 @@
 
 Tokens are UTF-8 bytes; the score of an item is a fixed function of its tokens, so any batch
 composition gives the same numbers. ``gate`` lets a test hold the forward pass; ``fail_when``
-makes a batch raise; ``bug_text`` makes ``encode`` raise (a stand-in for a bug); ``batches`` records what reached the model.
+makes a batch raise; ``bug_text`` makes ``encode`` raise (a stand-in for a bug); ``batches``
+records what reached the model.
 """
 
 from __future__ import annotations

@@ -1,0 +1,404 @@
+"""gRPC transport of the reward service: ``rlhf.v1.RewardService`` over grpc.aio.
+
+Thin by design: each method translates the request (:func:`from_grpc` helpers), calls the
+:class:`RewardEngine`, and translates the outcome back (``to_grpc`` helpers). Errors travel
+through the one error table (:mod:`services.common.grpc_support`); health, reflection, auth and
+request ids are wired in :func:`create_grpc_server`.
+
+ScoreStream runs every incoming request concurrently and streams each item's result as soon as
+its batch finishes. A request-level failure of one request (invalid input, queue full, draining)
+becomes a per-item error for each of that request's items and leaves the other requests alone;
+a message that cannot be decoded at all (bad UTF-8, over the size limit) ends the stream with
+INVALID_ARGUMENT, since its request id and items are unknown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.rlhf.v1 import reward_pb2 as pb
+from services.common.errors import INTERNAL_MESSAGE, ErrorCode, ServiceError, invalid
+from services.common.grpc_health import CallableHealthServicer
+from services.common.grpc_support import (
+    ApiKeyInterceptor,
+    Rejected,
+    accept,
+    safe_deserializer,
+    server_options,
+    stream_handler,
+    unary_handler,
+)
+from services.reward.engine.items import (
+    ChatMessage,
+    CompareOutcome,
+    ItemError,
+    ItemResult,
+    Limits,
+    ModelInfo,
+    ModelRef,
+    Priority,
+    Prompt,
+    RewardInput,
+)
+from services.reward.engine.service import RewardEngine
+from services.reward.settings import RewardSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name  # "rlhf.v1.RewardService"
+TRANSPORT = "grpc"
+
+# -- from_grpc ---------------------------------------------------------------------------------
+
+_PRIORITIES: dict[int, Priority] = {
+    pb.PRIORITY_UNSPECIFIED: Priority.ONLINE,
+    pb.PRIORITY_ONLINE: Priority.ONLINE,
+    pb.PRIORITY_BATCH: Priority.BATCH,
+}
+
+
+def priority_from_grpc(value: int) -> Priority:
+    try:
+        return _PRIORITIES[value]
+    except KeyError:
+        raise invalid(f"unknown priority {value}; expected PRIORITY_ONLINE or PRIORITY_BATCH") from None
+
+
+def messages_from_grpc(conversation: pb.Conversation) -> tuple[ChatMessage, ...]:
+    return tuple(ChatMessage(role=m.role, content=m.content) for m in conversation.messages)
+
+
+def prompt_from_grpc(msg: pb.PromptResponse | pb.CompareRequest, *, item: int | None = None) -> Prompt:
+    which = msg.WhichOneof("prompt")
+    if which == "prompt_text":
+        return msg.prompt_text
+    if which == "prompt_messages":
+        return messages_from_grpc(msg.prompt_messages)
+    raise invalid("prompt is not set: send prompt_text or prompt_messages", item=item)
+
+
+def input_from_grpc(msg: pb.RewardInput, index: int) -> RewardInput:
+    which = msg.WhichOneof("input")
+    if which == "text":
+        return RewardInput(text=msg.text)
+    if which == "pair":
+        return RewardInput(prompt=prompt_from_grpc(msg.pair, item=index), response=msg.pair.response)
+    if which == "messages":
+        return RewardInput(messages=messages_from_grpc(msg.messages))
+    raise invalid("an item is exactly one of text, pair or messages; none is set", item=index)
+
+
+def inputs_from_grpc(inputs: Sequence[pb.RewardInput]) -> list[RewardInput]:
+    return [input_from_grpc(x, i) for i, x in enumerate(inputs)]
+
+
+# -- to_grpc -----------------------------------------------------------------------------------
+
+
+def model_to_grpc(model: ModelRef) -> pb.ModelRef:
+    out = pb.ModelRef(id=model.id, revision=model.revision)
+    if model.normalization is not None:
+        n = model.normalization
+        out.normalization.CopyFrom(pb.Normalization(mean=n.mean, std=n.std, source=n.source))
+    return out
+
+
+def error_to_grpc(code: ErrorCode, message: str) -> pb.ItemResult:
+    return pb.ItemResult(error=pb.Error(code=code.value, message=message))
+
+
+def result_to_grpc(result: ItemResult) -> pb.ItemResult:
+    if isinstance(result, ItemError):
+        return error_to_grpc(result.code, result.message)
+    score = pb.Score(
+        score=result.score, scores=result.scores or (), num_tokens=result.num_tokens, truncated=result.truncated
+    )
+    if result.normalized is not None:
+        score.normalized = result.normalized
+    return pb.ItemResult(score=score)
+
+
+def compare_to_grpc(outcome: CompareOutcome) -> pb.CompareResponse:
+    return pb.CompareResponse(
+        model=model_to_grpc(outcome.model),
+        scores=outcome.scores,
+        probabilities=outcome.probabilities,
+        ranking=outcome.ranking,
+    )
+
+
+def model_info_to_grpc(info: ModelInfo, limits: Limits) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        id=info.id,
+        revision=info.revision,
+        architecture=info.architecture,
+        backend=info.backend,
+        dtype=info.dtype,
+        device=info.device,
+        max_length=info.max_length,
+        num_labels=info.num_labels,
+        label_names=info.label_names,
+        has_chat_template=info.has_chat_template,
+        limits=pb.Limits(
+            max_items_per_request=limits.max_items_per_request,
+            max_body_bytes=limits.max_body_bytes,
+            max_text_bytes=limits.max_text_bytes,
+            max_batch_tokens=limits.max_batch_tokens,
+        ),
+    )
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's gRPC deadline as an absolute ``time.monotonic()`` time (None: no deadline)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+# -- the servicer ------------------------------------------------------------------------------
+
+
+class RewardServicer:
+    """``rlhf.v1.RewardService``: from_grpc → engine → to_grpc, nothing else."""
+
+    def __init__(self, engine: RewardEngine) -> None:
+        self.engine = engine
+
+    async def Score(
+        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext, request_id: str
+    ) -> pb.ScoreResponse:
+        outcome = await self.engine.score(
+            inputs_from_grpc(request.inputs),
+            priority=priority_from_grpc(request.priority),
+            deadline=deadline_of(context),
+            normalize=request.normalize,
+        )
+        return pb.ScoreResponse(
+            model=model_to_grpc(outcome.model), results=[result_to_grpc(r) for r in outcome.results]
+        )
+
+    async def Compare(
+        self, request: pb.CompareRequest, context: grpc.aio.ServicerContext, request_id: str
+    ) -> pb.CompareResponse:
+        outcome = await self.engine.compare(
+            prompt_from_grpc(request), list(request.responses), deadline=deadline_of(context)
+        )
+        return compare_to_grpc(outcome)
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext, request_id: str
+    ) -> pb.ModelInfo:
+        return model_info_to_grpc(self.engine.info, self.engine.limits)
+
+    async def ScoreStream(
+        self,
+        requests: AsyncIterator[pb.ScoreRequest | Rejected],
+        context: grpc.aio.ServicerContext,
+        request_id: str,
+    ) -> AsyncIterator[pb.ScoreStreamResponse]:
+        out: asyncio.Queue[pb.ScoreStreamResponse | _Done] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+        deadline = deadline_of(context)
+        outstanding = 1  # the reader, plus one per request being scored
+
+        async def read() -> None:
+            nonlocal outstanding
+            try:
+                async for raw in requests:
+                    request = accept(raw)  # undecodable: ends the stream (INVALID_ARGUMENT)
+                    outstanding += 1
+                    task = asyncio.create_task(self._score_one(request, deadline, out))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            except BaseException as exc:
+                out.put_nowait(_Done(exc))
+                raise
+            out.put_nowait(_Done(None))
+
+        reader = asyncio.create_task(read())
+        try:
+            while outstanding:
+                item = await out.get()
+                if isinstance(item, _Done):
+                    if item.error is not None:
+                        raise item.error
+                    outstanding -= 1
+                    continue
+                yield item
+        finally:
+            for task in (reader, *tasks):
+                task.cancel()
+            await asyncio.gather(reader, *tasks, return_exceptions=True)
+
+    async def _score_one(
+        self,
+        request: pb.ScoreRequest,
+        deadline: float | None,
+        out: asyncio.Queue[pb.ScoreStreamResponse | _Done],
+    ) -> None:
+        """Score one request of a stream; each result (or request-level error per item) goes to ``out``."""
+        rid = request.request_id
+        sent: set[int] = set()
+        try:
+            results = self.engine.score_each(
+                inputs_from_grpc(request.inputs),
+                priority=priority_from_grpc(request.priority),
+                deadline=deadline,
+                normalize=request.normalize,
+            )
+            async for index, result, model in results:
+                sent.add(index)
+                out.put_nowait(
+                    pb.ScoreStreamResponse(
+                        request_id=rid, index=index, result=result_to_grpc(result), model=model_to_grpc(model)
+                    )
+                )
+        except ServiceError as err:
+            self._fail_rest(request, sent, err.code, err.message, out)
+        except Exception:
+            log.exception("ScoreStream request %r failed", rid)
+            self._fail_rest(request, sent, ErrorCode.INTERNAL, INTERNAL_MESSAGE, out)
+        finally:
+            out.put_nowait(_Done(None))
+
+    @staticmethod
+    def _fail_rest(
+        request: pb.ScoreRequest,
+        sent: set[int],
+        code: ErrorCode,
+        message: str,
+        out: asyncio.Queue[pb.ScoreStreamResponse | _Done],
+    ) -> None:
+        """A request-level failure inside a stream: one error per item not yet answered (at least one)."""
+        for index in range(max(1, len(request.inputs))):
+            if index not in sent:
+                out.put_nowait(
+                    pb.ScoreStreamResponse(
+                        request_id=request.request_id, index=index, result=error_to_grpc(code, message)
+                    )
+                )
+
+
+@dataclass(frozen=True)
+class _Done:
+    """End marker of the reader or of one request's task (``error``: the stream must end with it)."""
+
+    error: BaseException | None
+
+
+# -- the server --------------------------------------------------------------------------------
+
+
+@dataclass
+class GrpcServerHandle:
+    """A built (not yet started) gRPC server of the reward service.
+
+    ``await handle.start()`` binds ``settings.host:settings.grpc_port`` (or ``port=``; 0 picks a
+    free port) and returns the bound port; ``await handle.stop(grace)`` reports NOT_SERVING,
+    ends health watches and stops the server, letting calls in flight finish for ``grace`` seconds.
+    Call ``handle.health.refresh()`` after each engine state change (ready, draining) so that
+    health watchers hear of it at once (``Check`` always reads the live state).
+    """
+
+    server: grpc.aio.Server
+    health: CallableHealthServicer
+    settings: RewardSettings
+    port: int | None = None
+    _started: bool = field(default=False, repr=False)
+
+    async def start(self, *, port: int | None = None) -> int:
+        host = self.settings.host
+        bind_port = self.settings.grpc_port if port is None else port
+        address = f"[{host}]:{bind_port}" if ":" in host else f"{host}:{bind_port}"
+        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
+            creds = grpc.ssl_server_credentials(
+                [(self.settings.tls_key.read_bytes(), self.settings.tls_cert.read_bytes())]
+            )
+            bound = self.server.add_secure_port(address, creds)
+        else:
+            bound = self.server.add_insecure_port(address)
+        if bound == 0:
+            raise OSError(f"gRPC: could not bind {address}")
+        await self.server.start()
+        self._started = True
+        self.port = bound
+        log.info("gRPC listening on %s:%d%s", host, bound, " (TLS)" if self.settings.tls_cert else "")
+        return bound
+
+    def refresh(self) -> None:
+        """Tell health watchers to re-read the engine state (call after start-up and when draining)."""
+        self.health.refresh()
+
+    async def stop(self, grace: float | None = None) -> None:
+        self.health.enter_graceful_shutdown()
+        if self._started:
+            await self.server.stop(grace)
+            self._started = False
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+def create_grpc_server(
+    engine: RewardEngine,
+    settings: RewardSettings,
+    *,
+    api_key: str | None,
+    health_poll_interval: float = 1.0,
+) -> GrpcServerHandle:
+    """Build the reward service's grpc.aio server: RewardService, health, reflection, auth, limits."""
+    max_bytes = settings.max_body_bytes
+    server = grpc.aio.server(
+        interceptors=[ApiKeyInterceptor(api_key, metrics=engine.metrics)],
+        options=server_options(
+            max_body_bytes=max_bytes,
+            max_connection_age_s=settings.grpc_max_connection_age_s,
+            max_connection_age_grace_s=max(settings.drain_seconds, 30.0),
+        ),
+    )
+    servicer = RewardServicer(engine)
+    metrics = engine.metrics
+    handlers = {
+        "Score": grpc.unary_unary_rpc_method_handler(
+            unary_handler("Score", servicer.Score, metrics),
+            request_deserializer=safe_deserializer(pb.ScoreRequest, max_bytes),
+            response_serializer=pb.ScoreResponse.SerializeToString,
+        ),
+        "ScoreStream": grpc.stream_stream_rpc_method_handler(
+            stream_handler("ScoreStream", servicer.ScoreStream, metrics),
+            request_deserializer=safe_deserializer(pb.ScoreRequest, max_bytes),
+            response_serializer=pb.ScoreStreamResponse.SerializeToString,
+        ),
+        "Compare": grpc.unary_unary_rpc_method_handler(
+            unary_handler("Compare", servicer.Compare, metrics),
+            request_deserializer=safe_deserializer(pb.CompareRequest, max_bytes),
+            response_serializer=pb.CompareResponse.SerializeToString,
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            unary_handler("GetModelInfo", servicer.GetModelInfo, metrics),
+            request_deserializer=safe_deserializer(pb.GetModelInfoRequest, max_bytes),
+            response_serializer=pb.ModelInfo.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+
+    def ready() -> bool:
+        return engine.ready
+
+    def live() -> bool:
+        return engine.live
+
+    health = CallableHealthServicer(
+        {"": ready, "readiness": ready, SERVICE_NAME: ready, "liveness": live}, poll_interval=health_poll_interval
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
+    return GrpcServerHandle(server=server, health=health, settings=settings)
