@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,3 +108,54 @@ async def test_sigterm_under_load_answers_every_admitted_request_and_exits_0(ser
     # Nothing at all ever got a 5xx other than 503.
     assert not [o for o in outcomes if o[2].startswith("5") and o[2] != "503"]
     assert "drain" in server.log_tail(200).lower()
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+async def test_tls_and_api_key_on_both_transports(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    key_file = tmp_path / "api-key"
+    key_file.write_text("k3y\n")
+    srv = ServerProcess.reward(
+        [
+            "--model",
+            str(tiny_bert_dir),
+            "--tls-cert",
+            str(cert),
+            "--tls-key",
+            str(key),
+            "--api-key-file",
+            str(key_file),
+        ],
+        log_path=tmp_path / "server.log",
+        tls_ca=cert,
+    )
+    with srv:
+        await asyncio.to_thread(srv.wait_ready, 120)  # health stays open without the key
+        body = {"inputs": [{"prompt": "hi", "response": "hello"}]}
+        async with httpx.AsyncClient(base_url=srv.http_url, verify=srv.verify, timeout=30) as http:
+            assert (await http.post("/v1/score", json=body)).status_code == 401
+            ok = await http.post("/v1/score", json=body, headers={"Authorization": "Bearer k3y"})
+            assert ok.status_code == 200 and "score" in ok.json()["results"][0]
+            assert (await http.get("/metrics")).status_code == 200
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        async with grpc.aio.secure_channel(f"localhost:{srv.grpc_port}", creds) as channel:
+            stub = pb_grpc.RewardServiceStub(channel)
+            request = pb.ScoreRequest(
+                inputs=[pb.RewardInput(pair=pb.PromptResponse(prompt_text="hi", response="hello"))]
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Score(request, timeout=30)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            reply = await stub.Score(request, metadata=(("authorization", "Bearer k3y"),), timeout=30)
+            assert abs(reply.results[0].score.score - ok.json()["results"][0]["score"]) <= 1e-6
+        assert srv.terminate() == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -38,7 +39,9 @@ class ServerProcess:
         grpc_port: int,
         log_path: Path | None = None,
         env: Mapping[str, str] | None = None,
+        tls_ca: Path | None = None,
     ) -> None:
+        self.tls_ca = tls_ca
         self.http_port = http_port
         self.grpc_port = grpc_port
         self.log_path = log_path
@@ -52,15 +55,27 @@ class ServerProcess:
 
     @classmethod
     def reward(
-        cls, extra: Sequence[str] = (), *, log_path: Path | None = None, env: Mapping[str, str] | None = None
+        cls,
+        extra: Sequence[str] = (),
+        *,
+        log_path: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        tls_ca: Path | None = None,
     ) -> ServerProcess:
         http_port, grpc_port = free_port(), free_port()
         argv = ["serve", "reward", "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-        return cls([*argv, *extra], http_port=http_port, grpc_port=grpc_port, log_path=log_path, env=env)
+        return cls([*argv, *extra], http_port=http_port, grpc_port=grpc_port, log_path=log_path, env=env, tls_ca=tls_ca)
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "https" if self.tls_ca else "http"
+        host = "localhost" if self.tls_ca else "127.0.0.1"  # the name a test certificate carries
+        return f"{scheme}://{host}:{self.http_port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What httpx should verify the server with (the CA file when serving TLS)."""
+        return ssl.create_default_context(cafile=str(self.tls_ca)) if self.tls_ca else True
 
     @property
     def grpc_target(self) -> str:
@@ -73,7 +88,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(self.http_url + "/health/ready", timeout=2.0).status_code == 200:
+                if httpx.get(self.http_url + "/health/ready", timeout=2.0, verify=self.verify).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
