@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -511,3 +514,42 @@ async def test_client_cancel_releases_engine() -> None:
         await blocker
         assert await c.engine.drain(5)  # nothing left in flight
         assert all(bytes(it.input_ids) != b"cancel me" for batch in backend.batches for it in batch)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_tls(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    backend = FakeBackend()
+    settings = make_settings(tls_cert=cert, tls_key=key)
+    engine = RewardEngine(lambda: backend, settings.engine_config())
+    handle = create_grpc_server(engine, settings, api_key=None)
+    port = await handle.start(port=0)
+    await engine.start()
+    creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    try:
+        async with grpc.aio.secure_channel(f"localhost:{port}", creds) as channel:
+            response = await pb_grpc.RewardServiceStub(channel).Score(pb.ScoreRequest(inputs=[text("tls")]))
+            assert response.results[0].score.score == fake_score(b"tls")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await pb_grpc.RewardServiceStub(plain).Score(pb.ScoreRequest(inputs=[text("tls")]), timeout=2)
+            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await handle.stop(0)
+        await engine.stop()
+
+
+async def test_stop_reports_not_serving_and_ends_watches() -> None:
+    async with serving() as c:
+        watch = c.health.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert (await watch.read()).status == SERVING
+        started = time.perf_counter()
+        stopping = asyncio.ensure_future(c.handle.stop(5.0))
+        assert (await watch.read()).status == NOT_SERVING
+        await stopping
+        assert time.perf_counter() - started < 2.0  # an open Watch does not hold the grace period

@@ -139,7 +139,7 @@ class RewardEngine:
         try:
             await asyncio.wait_for(self._idle.wait(), seconds)
             return True
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin before Python 3.11
             log.warning("drain: %d requests still running after %.1fs", self._in_flight, seconds)
             return False
 
