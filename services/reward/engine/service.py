@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import math
 import time
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.common.errors import INTERNAL_MESSAGE, ErrorCode, ServiceError, invalid
+from services.common.lifecycle import EngineState, Lifecycle
 from services.reward.backends.base import RewardBackend
 from services.reward.metrics import RewardMetrics
 
@@ -40,14 +40,6 @@ from .normalization import Normalizer
 from .validation import validate_inputs
 
 log = logging.getLogger(__name__)
-
-
-class EngineState(str, enum.Enum):
-    STARTING = "starting"
-    READY = "ready"
-    DRAINING = "draining"
-    STOPPED = "stopped"
-    FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -79,26 +71,31 @@ class RewardEngine:
         self._load_backend = load_backend
         self.config = config or EngineConfig()
         self.metrics = metrics or RewardMetrics()
-        self.state = EngineState.STARTING
+        self.lifecycle = Lifecycle(self._on_lifecycle)
         self._backend: RewardBackend | None = None
         self._batcher: Batcher | None = None
         self._weights: np.ndarray | None = None
         self._normalizer = Normalizer(self.config.normalize_mean, self.config.normalize_std)
         # One thread: HF fast tokenizers are not safe to call from several threads at once.
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="reward-tokenize")
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     # -- state ----------------------------------------------------------------------------------
 
     @property
+    def state(self) -> EngineState:
+        return self.lifecycle.state
+
+    @property
     def live(self) -> bool:
-        return self.state is not EngineState.FAILED and self.state is not EngineState.STOPPED
+        return self.lifecycle.live
 
     @property
     def ready(self) -> bool:
-        return self.state is EngineState.READY
+        return self.lifecycle.ready
+
+    def _on_lifecycle(self, ready: bool, in_flight: int) -> None:
+        self.metrics.ready.set(1 if ready else 0)
+        self.metrics.in_flight.set(in_flight)
 
     @property
     def limits(self) -> Limits:
@@ -122,50 +119,30 @@ class RewardEngine:
             warm = backend.encode([RewardInput(text="Warm-up: is the model ready to score?")])
             await asyncio.to_thread(backend.forward, warm)
         except Exception:
-            self.state = EngineState.FAILED
+            self.lifecycle.set(EngineState.FAILED)
             raise
         self._backend = backend
         self._batcher = Batcher(backend.forward, self.config.batcher, observer=self.metrics)
         await self._batcher.start()
-        self.state = EngineState.READY
-        self.metrics.ready.set(1)
+        self.lifecycle.set(EngineState.READY)
         log.info("model %s (%s) ready", backend.info.id, backend.info.revision)
 
     async def drain(self, seconds: float) -> bool:
         """Refuse new work, let admitted work finish for up to ``seconds``; True if all finished."""
-        if self.state is EngineState.READY:
-            self.state = EngineState.DRAINING
-            self.metrics.ready.set(0)
-        try:
-            await asyncio.wait_for(self._idle.wait(), seconds)
-            return True
-        except asyncio.TimeoutError:  # not the builtin before Python 3.11
-            log.warning("drain: %d requests still running after %.1fs", self._in_flight, seconds)
-            return False
+        return await self.lifecycle.drain(seconds)
 
     async def stop(self) -> None:
         if self._batcher is not None:
             await self._batcher.stop()
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
-        self.state = EngineState.STOPPED
-        self.metrics.ready.set(0)
+        self.lifecycle.set(EngineState.STOPPED)
 
     @contextlib.asynccontextmanager
     async def _admitted(self) -> AsyncIterator[tuple[RewardBackend, Batcher]]:
-        if self.state is EngineState.DRAINING:
-            raise ServiceError(ErrorCode.UNAVAILABLE, "server is draining; retry on another replica")
-        if self.state is not EngineState.READY or self._backend is None or self._batcher is None:
-            raise ServiceError(ErrorCode.UNAVAILABLE, "model is not ready yet")
-        self._in_flight += 1
-        self._idle.clear()
-        self.metrics.in_flight.set(self._in_flight)
-        try:
+        async with self.lifecycle.admitted():
+            if self._backend is None or self._batcher is None:
+                raise ServiceError(ErrorCode.UNAVAILABLE, "model is not ready yet")
             yield self._backend, self._batcher
-        finally:
-            self._in_flight -= 1
-            self.metrics.in_flight.set(self._in_flight)
-            if self._in_flight == 0:
-                self._idle.set()
 
     # -- scoring --------------------------------------------------------------------------------
 
