@@ -66,7 +66,8 @@ class EncodedItem:
 
     ``prompt_tokens`` counts the leading tokens that belong to the prompt (0 for ``text``
     items); items of one request with equal prompts share ``group`` so that a decoder backend
-    can run their common prefix once.
+    can run their common prefix once. ``readout_ids`` are token ids whose next-token log
+    probabilities a verdict backend reads (the local judge's ``A``/``B``); None for rewards.
     """
 
     input_ids: tuple[int, ...]
@@ -74,6 +75,7 @@ class EncodedItem:
     token_type_ids: tuple[int, ...] | None = None
     prompt_tokens: int = 0
     group: int | None = None
+    readout_ids: tuple[int, ...] | None = None
 
     @property
     def num_tokens(self) -> int:
