@@ -14,6 +14,8 @@ from services import __version__
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from services.judge import commands as judge_commands
+    from services.judge import eval_command
     from services.reward import commands as reward_commands
 
     parser = argparse.ArgumentParser(
@@ -27,7 +29,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="Run a service.", description="Run a service.")
     services = serve.add_subparsers(dest="service", metavar="SERVICE", required=True)
     reward_commands.register_serve(services)
-    # (serve judge, judge-eval, label, score, ... register here)
+    judge_commands.register_serve(services)
+    # (label, score, ... register here)
+    eval_command.register(commands)
     return parser
 
 

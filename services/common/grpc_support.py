@@ -1,4 +1,4 @@
-"""Transport plumbing every grpc.aio server of the project shares (reward now, judge later).
+"""Transport plumbing every grpc.aio server of the project shares (reward and judge).
 
 - :class:`ApiKeyInterceptor`: ``authorization: Bearer`` via :func:`services.common.auth.check_bearer`;
   health and reflection stay open.
@@ -10,21 +10,30 @@
   :class:`ServiceError` through the one error table, the generic INTERNAL answer for bugs, and
   the request metric.
 - :func:`server_options`: connection age, message size limits.
+- :func:`build_grpc_server` / :class:`GrpcServerHandle`: one service's server with all of the
+  above plus health (:class:`~services.common.grpc_health.CallableHealthServicer`), reflection and
+  TLS; :class:`MethodHandlers` builds its method handlers.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from services.common.auth import OPEN_GRPC_PREFIXES, check_bearer
 from services.common.errors import INTERNAL_MESSAGE, ServiceError, invalid
+from services.common.grpc_health import CallableHealthServicer
+from services.common.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -269,3 +278,134 @@ def stream_handler(
             metrics.on_request("grpc", method, status)
 
     return handle
+
+
+# -- method handlers ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodHandlers:
+    """Builds a service's method handlers: the wrappers above plus the safe deserializer."""
+
+    metrics: RequestMetrics
+    max_bytes: int
+
+    def unary(
+        self,
+        method: str,
+        fn: Callable[[Any, grpc.aio.ServicerContext, str], Awaitable[Any]],
+        request_cls: type[Message],
+        response_cls: type[Message],
+    ) -> grpc.RpcMethodHandler:
+        """A unary-unary handler: :func:`unary_handler` with the safe deserializer of ``request_cls``."""
+        return grpc.unary_unary_rpc_method_handler(
+            unary_handler(method, fn, self.metrics),
+            request_deserializer=safe_deserializer(request_cls, self.max_bytes),
+            response_serializer=response_cls.SerializeToString,
+        )
+
+    def stream(
+        self,
+        method: str,
+        fn: Callable[[AsyncIterator[Any], grpc.aio.ServicerContext, str], AsyncIterator[Any]],
+        request_cls: type[Message],
+        response_cls: type[Message],
+    ) -> grpc.RpcMethodHandler:
+        """A stream-stream handler: :func:`stream_handler` with the safe deserializer of ``request_cls``."""
+        return grpc.stream_stream_rpc_method_handler(
+            stream_handler(method, fn, self.metrics),
+            request_deserializer=safe_deserializer(request_cls, self.max_bytes),
+            response_serializer=response_cls.SerializeToString,
+        )
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's gRPC deadline as an absolute ``time.monotonic()`` time (None: no deadline)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+# -- the server --------------------------------------------------------------------------------
+
+
+@dataclass
+class GrpcServerHandle:
+    """A built (not yet started) gRPC server of one service.
+
+    ``await handle.start()`` binds ``settings.host:settings.grpc_port`` (or ``port=``; 0 picks a
+    free port) and returns the bound port; ``await handle.stop(grace)`` reports NOT_SERVING,
+    ends health watches and stops the server, letting calls in flight finish for ``grace`` seconds.
+    Call ``handle.health.refresh()`` after each engine state change (ready, draining) so that
+    health watchers hear of it at once (``Check`` always reads the live state).
+    """
+
+    server: grpc.aio.Server
+    health: CallableHealthServicer
+    settings: ServiceSettings
+    port: int | None = None
+    _started: bool = field(default=False, repr=False)
+
+    async def start(self, *, port: int | None = None) -> int:
+        host = self.settings.host
+        bind_port = self.settings.grpc_port if port is None else port
+        address = f"[{host}]:{bind_port}" if ":" in host else f"{host}:{bind_port}"
+        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
+            creds = grpc.ssl_server_credentials(
+                [(self.settings.tls_key.read_bytes(), self.settings.tls_cert.read_bytes())]
+            )
+            bound = self.server.add_secure_port(address, creds)
+        else:
+            bound = self.server.add_insecure_port(address)
+        if bound == 0:
+            raise OSError(f"gRPC: could not bind {address}")
+        await self.server.start()
+        self._started = True
+        self.port = bound
+        log.info("gRPC listening on %s:%d%s", host, bound, " (TLS)" if self.settings.tls_cert else "")
+        return bound
+
+    def refresh(self) -> None:
+        """Tell health watchers to re-read the engine state (call after start-up and when draining)."""
+        self.health.refresh()
+
+    async def stop(self, grace: float | None = None) -> None:
+        self.health.enter_graceful_shutdown()
+        if self._started:
+            await self.server.stop(grace)
+            self._started = False
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+def build_grpc_server(
+    service_name: str,
+    handlers: Mapping[str, grpc.RpcMethodHandler],
+    settings: ServiceSettings,
+    *,
+    api_key: str | None,
+    metrics: RequestMetrics,
+    live: Callable[[], bool],
+    ready: Callable[[], bool],
+    health_poll_interval: float = 1.0,
+) -> GrpcServerHandle:
+    """A grpc.aio server with ``handlers`` as ``service_name``, plus auth, limits, health and reflection.
+
+    Health: ``""``, ``"readiness"`` and ``service_name`` mirror ``ready``; ``"liveness"`` mirrors ``live``.
+    """
+    server = grpc.aio.server(
+        interceptors=[ApiKeyInterceptor(api_key, metrics=metrics)],
+        options=server_options(
+            max_body_bytes=settings.max_body_bytes,
+            max_connection_age_s=settings.grpc_max_connection_age_s,
+            max_connection_age_grace_s=max(settings.drain_seconds, 30.0),
+        ),
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, dict(handlers)),))
+    server.add_registered_method_handlers(service_name, dict(handlers))  # type: ignore[attr-defined]
+    health = CallableHealthServicer(
+        {"": ready, "readiness": ready, service_name: ready, "liveness": live}, poll_interval=health_poll_interval
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((service_name, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
+    return GrpcServerHandle(server=server, health=health, settings=settings)

@@ -1,7 +1,8 @@
 """Start a service as a child process on loopback and wait until it is ready.
 
 Used by ``make demo``, the real-server tests and anyone who wants a local server in a
-notebook: ``with ServerProcess.reward(["--model", DIR]) as srv: httpx.post(srv.http_url + ...)``.
+notebook: ``with ServerProcess.reward(["--model", DIR]) as srv: httpx.post(srv.http_url + ...)``
+(``ServerProcess.judge([...])`` for the judge service).
 """
 
 from __future__ import annotations
@@ -64,6 +65,19 @@ class ServerProcess:
     ) -> ServerProcess:
         http_port, grpc_port = free_port(), free_port()
         argv = ["serve", "reward", "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+        return cls([*argv, *extra], http_port=http_port, grpc_port=grpc_port, log_path=log_path, env=env, tls_ca=tls_ca)
+
+    @classmethod
+    def judge(
+        cls,
+        extra: Sequence[str] = (),
+        *,
+        log_path: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        tls_ca: Path | None = None,
+    ) -> ServerProcess:
+        http_port, grpc_port = free_port(), free_port()
+        argv = ["serve", "judge", "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
         return cls([*argv, *extra], http_port=http_port, grpc_port=grpc_port, log_path=log_path, env=env, tls_ca=tls_ca)
 
     @property

@@ -16,25 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from protos.rlhf.v1 import reward_pb2 as pb
 from services.common.errors import INTERNAL_MESSAGE, ErrorCode, ServiceError, invalid
-from services.common.grpc_health import CallableHealthServicer
 from services.common.grpc_support import (
-    ApiKeyInterceptor,
+    GrpcServerHandle,
+    MethodHandlers,
     Rejected,
     accept,
-    safe_deserializer,
-    server_options,
-    stream_handler,
-    unary_handler,
+    build_grpc_server,
+    deadline_of,
 )
 from services.reward.engine.items import (
     ChatMessage,
@@ -154,12 +149,6 @@ def model_info_to_grpc(info: ModelInfo, limits: Limits) -> pb.ModelInfo:
             max_batch_tokens=limits.max_batch_tokens,
         ),
     )
-
-
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's gRPC deadline as an absolute ``time.monotonic()`` time (None: no deadline)."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
 
 
 # -- the servicer ------------------------------------------------------------------------------
@@ -296,56 +285,6 @@ class _Done:
 # -- the server --------------------------------------------------------------------------------
 
 
-@dataclass
-class GrpcServerHandle:
-    """A built (not yet started) gRPC server of the reward service.
-
-    ``await handle.start()`` binds ``settings.host:settings.grpc_port`` (or ``port=``; 0 picks a
-    free port) and returns the bound port; ``await handle.stop(grace)`` reports NOT_SERVING,
-    ends health watches and stops the server, letting calls in flight finish for ``grace`` seconds.
-    Call ``handle.health.refresh()`` after each engine state change (ready, draining) so that
-    health watchers hear of it at once (``Check`` always reads the live state).
-    """
-
-    server: grpc.aio.Server
-    health: CallableHealthServicer
-    settings: RewardSettings
-    port: int | None = None
-    _started: bool = field(default=False, repr=False)
-
-    async def start(self, *, port: int | None = None) -> int:
-        host = self.settings.host
-        bind_port = self.settings.grpc_port if port is None else port
-        address = f"[{host}]:{bind_port}" if ":" in host else f"{host}:{bind_port}"
-        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
-            creds = grpc.ssl_server_credentials(
-                [(self.settings.tls_key.read_bytes(), self.settings.tls_cert.read_bytes())]
-            )
-            bound = self.server.add_secure_port(address, creds)
-        else:
-            bound = self.server.add_insecure_port(address)
-        if bound == 0:
-            raise OSError(f"gRPC: could not bind {address}")
-        await self.server.start()
-        self._started = True
-        self.port = bound
-        log.info("gRPC listening on %s:%d%s", host, bound, " (TLS)" if self.settings.tls_cert else "")
-        return bound
-
-    def refresh(self) -> None:
-        """Tell health watchers to re-read the engine state (call after start-up and when draining)."""
-        self.health.refresh()
-
-    async def stop(self, grace: float | None = None) -> None:
-        self.health.enter_graceful_shutdown()
-        if self._started:
-            await self.server.stop(grace)
-            self._started = False
-
-    async def wait_for_termination(self) -> None:
-        await self.server.wait_for_termination()
-
-
 def create_grpc_server(
     engine: RewardEngine,
     settings: RewardSettings,
@@ -354,51 +293,21 @@ def create_grpc_server(
     health_poll_interval: float = 1.0,
 ) -> GrpcServerHandle:
     """Build the reward service's grpc.aio server: RewardService, health, reflection, auth, limits."""
-    max_bytes = settings.max_body_bytes
-    server = grpc.aio.server(
-        interceptors=[ApiKeyInterceptor(api_key, metrics=engine.metrics)],
-        options=server_options(
-            max_body_bytes=max_bytes,
-            max_connection_age_s=settings.grpc_max_connection_age_s,
-            max_connection_age_grace_s=max(settings.drain_seconds, 30.0),
-        ),
-    )
     servicer = RewardServicer(engine)
-    metrics = engine.metrics
+    m = MethodHandlers(engine.metrics, settings.max_body_bytes)
     handlers = {
-        "Score": grpc.unary_unary_rpc_method_handler(
-            unary_handler("Score", servicer.Score, metrics),
-            request_deserializer=safe_deserializer(pb.ScoreRequest, max_bytes),
-            response_serializer=pb.ScoreResponse.SerializeToString,
-        ),
-        "ScoreStream": grpc.stream_stream_rpc_method_handler(
-            stream_handler("ScoreStream", servicer.ScoreStream, metrics),
-            request_deserializer=safe_deserializer(pb.ScoreRequest, max_bytes),
-            response_serializer=pb.ScoreStreamResponse.SerializeToString,
-        ),
-        "Compare": grpc.unary_unary_rpc_method_handler(
-            unary_handler("Compare", servicer.Compare, metrics),
-            request_deserializer=safe_deserializer(pb.CompareRequest, max_bytes),
-            response_serializer=pb.CompareResponse.SerializeToString,
-        ),
-        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            unary_handler("GetModelInfo", servicer.GetModelInfo, metrics),
-            request_deserializer=safe_deserializer(pb.GetModelInfoRequest, max_bytes),
-            response_serializer=pb.ModelInfo.SerializeToString,
-        ),
+        "Score": m.unary("Score", servicer.Score, pb.ScoreRequest, pb.ScoreResponse),
+        "ScoreStream": m.stream("ScoreStream", servicer.ScoreStream, pb.ScoreRequest, pb.ScoreStreamResponse),
+        "Compare": m.unary("Compare", servicer.Compare, pb.CompareRequest, pb.CompareResponse),
+        "GetModelInfo": m.unary("GetModelInfo", servicer.GetModelInfo, pb.GetModelInfoRequest, pb.ModelInfo),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
-
-    def ready() -> bool:
-        return engine.ready
-
-    def live() -> bool:
-        return engine.live
-
-    health = CallableHealthServicer(
-        {"": ready, "readiness": ready, SERVICE_NAME: ready, "liveness": live}, poll_interval=health_poll_interval
+    return build_grpc_server(
+        SERVICE_NAME,
+        handlers,
+        settings,
+        api_key=api_key,
+        metrics=engine.metrics,
+        live=lambda: engine.live,
+        ready=lambda: engine.ready,
+        health_poll_interval=health_poll_interval,
     )
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection((SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
-    return GrpcServerHandle(server=server, health=health, settings=settings)
