@@ -14,6 +14,7 @@ from services import __version__
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from rlhf_train import commands as job_commands
     from services.judge import commands as judge_commands
     from services.judge import eval_command
     from services.reward import commands as reward_commands
@@ -31,6 +32,7 @@ def _build_parser() -> argparse.ArgumentParser:
     reward_commands.register_serve(services)
     judge_commands.register_serve(services)
     # (label, score, ... register here)
+    job_commands.register(commands)
     eval_command.register(commands)
     return parser
 
