@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -46,6 +47,7 @@ _REQUEST_ID_OK = re.compile(r"^[\x21-\x7e]{1,128}$")  # visible ASCII, bounded: 
 
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
+R = TypeVar("R")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -409,3 +411,63 @@ def build_grpc_server(
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((service_name, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
     return GrpcServerHandle(server=server, health=health, settings=settings)
+
+
+# -- bidirectional streams -----------------------------------------------------------------------
+
+
+async def fan_out(
+    requests: AsyncIterator[T | Rejected],
+    handle: Callable[[T, Callable[[R], None]], Awaitable[None]],
+) -> AsyncIterator[R]:
+    """Serve a bidirectional stream: each request runs concurrently as ``handle(request, emit)``
+    and every ``emit``-ted answer is yielded as soon as it exists.
+
+    ``handle`` must report its own request-level failures through ``emit`` (one request failing
+    must not end the stream); an undecodable message ends the stream with INVALID_ARGUMENT.
+    """
+    out: asyncio.Queue[R | _Done] = asyncio.Queue()
+    tasks: set[asyncio.Task[None]] = set()
+    outstanding = 1  # the reader, plus one per request being handled
+
+    async def run(request: T) -> None:
+        try:
+            await handle(request, out.put_nowait)
+        finally:
+            out.put_nowait(_Done(None))
+
+    async def read() -> None:
+        nonlocal outstanding
+        try:
+            async for raw in requests:
+                request = accept(raw)
+                outstanding += 1
+                task = asyncio.create_task(run(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        except BaseException as exc:
+            out.put_nowait(_Done(exc))
+            raise
+        out.put_nowait(_Done(None))
+
+    reader = asyncio.create_task(read())
+    try:
+        while outstanding:
+            item = await out.get()
+            if isinstance(item, _Done):
+                if item.error is not None:
+                    raise item.error
+                outstanding -= 1
+                continue
+            yield item
+    finally:
+        for task in (reader, *tasks):
+            task.cancel()
+        await asyncio.gather(reader, *tasks, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class _Done:
+    """End marker of the reader or of one request's task (``error``: the stream must end with it)."""
+
+    error: BaseException | None

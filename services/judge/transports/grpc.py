@@ -15,10 +15,8 @@ alone; a message that cannot be decoded at all ends the stream with INVALID_ARGU
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -30,9 +28,9 @@ from services.common.grpc_support import (
     GrpcServerHandle,
     MethodHandlers,
     Rejected,
-    accept,
     build_grpc_server,
     deadline_of,
+    fan_out,
 )
 from services.judge.engine.service import JudgeEngine
 from services.judge.schemas import (
@@ -214,74 +212,39 @@ class JudgeServicer:
         context: grpc.aio.ServicerContext,
         request_id: str,
     ) -> AsyncIterator[pb.JudgeCompareStreamResponse]:
-        out: asyncio.Queue[pb.JudgeCompareStreamResponse | _Done] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
         deadline = deadline_of(context)
-        outstanding = 1  # the reader, plus one per request being judged
 
-        async def read() -> None:
-            nonlocal outstanding
-            try:
-                async for raw in requests:
-                    request = accept(raw)  # undecodable: ends the stream (INVALID_ARGUMENT)
-                    outstanding += 1
-                    task = asyncio.create_task(self._compare_one(request, deadline, out))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-            except BaseException as exc:
-                out.put_nowait(_Done(exc))
-                raise
-            out.put_nowait(_Done(None))
+        async def handle(
+            request: pb.JudgeCompareRequest, emit: Callable[[pb.JudgeCompareStreamResponse], None]
+        ) -> None:
+            await self._compare_one(request, deadline, emit)
 
-        reader = asyncio.create_task(read())
-        try:
-            while outstanding:
-                item = await out.get()
-                if isinstance(item, _Done):
-                    if item.error is not None:
-                        raise item.error
-                    outstanding -= 1
-                    continue
-                yield item
-        finally:
-            for task in (reader, *tasks):
-                task.cancel()
-            await asyncio.gather(reader, *tasks, return_exceptions=True)
+        async for response in fan_out(requests, handle):
+            yield response
 
     async def _compare_one(
         self,
         request: pb.JudgeCompareRequest,
         deadline: float | None,
-        out: asyncio.Queue[pb.JudgeCompareStreamResponse | _Done],
+        emit: Callable[[pb.JudgeCompareStreamResponse], None],
     ) -> None:
-        """Judge one request of a stream; its answer (or its request-level error) goes to ``out``."""
+        """Judge one request of a stream; its answer (or its request-level error) is emitted."""
         rid = request.request_id
         try:
             item = self.limits.check_compare(compare_from_grpc(request))
             result = await self.engine.compare(item, deadline=deadline)
-            out.put_nowait(pb.JudgeCompareStreamResponse(request_id=rid, response=compare_to_grpc(result)))
+            emit(pb.JudgeCompareStreamResponse(request_id=rid, response=compare_to_grpc(result)))
         except ServiceError as err:
-            out.put_nowait(
-                _error(rid, err.code, err.message if err.code is not ErrorCode.INTERNAL else INTERNAL_MESSAGE)
-            )
+            emit(_error(rid, err.code, err.message if err.code is not ErrorCode.INTERNAL else INTERNAL_MESSAGE))
         except Exception:
             log.exception("CompareStream request %r failed", rid)
-            out.put_nowait(_error(rid, ErrorCode.INTERNAL, INTERNAL_MESSAGE))
-        finally:
-            out.put_nowait(_Done(None))
+            emit(_error(rid, ErrorCode.INTERNAL, INTERNAL_MESSAGE))
 
 
 def _error(request_id: str, code: ErrorCode, message: str) -> pb.JudgeCompareStreamResponse:
     return pb.JudgeCompareStreamResponse(
         request_id=request_id, error=reward_pb2.Error(code=code.value, message=message)
     )
-
-
-@dataclass(frozen=True)
-class _Done:
-    """End marker of the reader or of one request's task (``error``: the stream must end with it)."""
-
-    error: BaseException | None
 
 
 # -- the server --------------------------------------------------------------------------------

@@ -14,10 +14,8 @@ INVALID_ARGUMENT, since its request id and items are unknown.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
@@ -27,9 +25,9 @@ from services.common.grpc_support import (
     GrpcServerHandle,
     MethodHandlers,
     Rejected,
-    accept,
     build_grpc_server,
     deadline_of,
+    fan_out,
 )
 from services.reward.engine.items import (
     ChatMessage,
@@ -192,47 +190,21 @@ class RewardServicer:
         context: grpc.aio.ServicerContext,
         request_id: str,
     ) -> AsyncIterator[pb.ScoreStreamResponse]:
-        out: asyncio.Queue[pb.ScoreStreamResponse | _Done] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
         deadline = deadline_of(context)
-        outstanding = 1  # the reader, plus one per request being scored
 
-        async def read() -> None:
-            nonlocal outstanding
-            try:
-                async for raw in requests:
-                    request = accept(raw)  # undecodable: ends the stream (INVALID_ARGUMENT)
-                    outstanding += 1
-                    task = asyncio.create_task(self._score_one(request, deadline, out))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-            except BaseException as exc:
-                out.put_nowait(_Done(exc))
-                raise
-            out.put_nowait(_Done(None))
+        async def handle(request: pb.ScoreRequest, emit: Callable[[pb.ScoreStreamResponse], None]) -> None:
+            await self._score_one(request, deadline, emit)
 
-        reader = asyncio.create_task(read())
-        try:
-            while outstanding:
-                item = await out.get()
-                if isinstance(item, _Done):
-                    if item.error is not None:
-                        raise item.error
-                    outstanding -= 1
-                    continue
-                yield item
-        finally:
-            for task in (reader, *tasks):
-                task.cancel()
-            await asyncio.gather(reader, *tasks, return_exceptions=True)
+        async for response in fan_out(requests, handle):
+            yield response
 
     async def _score_one(
         self,
         request: pb.ScoreRequest,
         deadline: float | None,
-        out: asyncio.Queue[pb.ScoreStreamResponse | _Done],
+        emit: Callable[[pb.ScoreStreamResponse], None],
     ) -> None:
-        """Score one request of a stream; each result (or request-level error per item) goes to ``out``."""
+        """Score one request of a stream; each result (or request-level error per item) is emitted."""
         rid = request.request_id
         sent: set[int] = set()
         try:
@@ -244,18 +216,16 @@ class RewardServicer:
             )
             async for index, result, model in results:
                 sent.add(index)
-                out.put_nowait(
+                emit(
                     pb.ScoreStreamResponse(
                         request_id=rid, index=index, result=result_to_grpc(result), model=model_to_grpc(model)
                     )
                 )
         except ServiceError as err:
-            self._fail_rest(request, sent, err.code, err.message, out)
+            self._fail_rest(request, sent, err.code, err.message, emit)
         except Exception:
             log.exception("ScoreStream request %r failed", rid)
-            self._fail_rest(request, sent, ErrorCode.INTERNAL, INTERNAL_MESSAGE, out)
-        finally:
-            out.put_nowait(_Done(None))
+            self._fail_rest(request, sent, ErrorCode.INTERNAL, INTERNAL_MESSAGE, emit)
 
     @staticmethod
     def _fail_rest(
@@ -263,23 +233,16 @@ class RewardServicer:
         sent: set[int],
         code: ErrorCode,
         message: str,
-        out: asyncio.Queue[pb.ScoreStreamResponse | _Done],
+        emit: Callable[[pb.ScoreStreamResponse], None],
     ) -> None:
         """A request-level failure inside a stream: one error per item not yet answered (at least one)."""
         for index in range(max(1, len(request.inputs))):
             if index not in sent:
-                out.put_nowait(
+                emit(
                     pb.ScoreStreamResponse(
                         request_id=request.request_id, index=index, result=error_to_grpc(code, message)
                     )
                 )
-
-
-@dataclass(frozen=True)
-class _Done:
-    """End marker of the reader or of one request's task (``error``: the stream must end with it)."""
-
-    error: BaseException | None
 
 
 # -- the server --------------------------------------------------------------------------------
