@@ -513,6 +513,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "length_baseline_test_acc": pairwise_accuracy(longer[sel]),
             "train_acc": pairwise_accuracy(margins[fit & (source == src)]),
         }
+    # Diagnostic: a head fit on one file only (same λ), scored on both held-out files.
+    results["single_file_heads"] = {}
+    for src in HH_FILES:
+        w_src = fit_bt(diff[fit & (source == src)], best["l2"])
+        results["single_file_heads"][src] = {
+            other: pairwise_accuracy(diff[te & (source == other)] @ w_src) for other in HH_FILES
+        }
     scores_test = np.concatenate([f_chosen[te] @ w, f_rejected[te] @ w])
     results["test_score_mean"] = float(scores_test.mean())
     results["test_score_std"] = float(scores_test.std())
@@ -713,6 +720,21 @@ def render_card(m: dict[str, Any]) -> str:
         f"mean {r['test_score_mean']:.3f} and standard deviation {r['test_score_std']:.3f}.",
         "",
     ]
+    single = r.get("single_file_heads")
+    if single:
+        lines += [
+            "The two files pull in opposite directions. A head fit (same λ) on one file alone scores on the",
+            "held-out pairs of each file:",
+            "",
+            "| trained on | " + " | ".join(f"held out {s}" for s in HH_FILES) + " |",
+            "|---|" + "---|" * len(HH_FILES),
+            *[f"| {src} only | " + " | ".join(_pct(v[s]) for s in HH_FILES) + " |" for src, v in single.items()],
+            "",
+            "Helpfulness and harmlessness preferences conflict in HH-RLHF (a refusal is often the chosen",
+            "harmless answer and the rejected helpful one); one linear head on these features cannot serve",
+            "both, so the combined head is a compromise.",
+            "",
+        ]
     fp = m.get("fp32_check")
     if fp:
         lines += [
@@ -740,8 +762,9 @@ def render_card(m: dict[str, Any]) -> str:
         "",
         "## Limitations",
         "",
-        "- A small linear head on a 135M-parameter chat model: a working default for demos, tests and",
-        "  pipelines, far weaker than a purpose-trained reward model. Bring your own with `--model DIR`.",
+        "- A small linear head on a 135M-parameter chat model, only a few points above chance and the",
+        "  length baseline on held-out pairs: a working default that exercises the whole pipeline, not a",
+        "  reward model to optimise a policy against. Bring your own with `--model DIR`.",
         "- Trained on about four thousand HH-RLHF test pairs (helpfulness and harmlessness of a 2022",
         "  assistant, English only); it has not seen code, maths or long documents, and it picks up length",
         "  and style cues.",
