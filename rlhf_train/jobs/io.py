@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,6 +379,21 @@ class RunOutcome:
     failed: int = 0  # rows left pending because their unit failed
     first_failure: str | None = None
     aborted: str | None = None
+
+
+def exit_code(job: str, outcome: RunOutcome | None, *, pending: int, verb: str) -> int:
+    """The job's exit status, saying on stderr why it is not 0 (rows still pending: rerun resumes)."""
+    if outcome is not None and outcome.aborted:
+        print(f"rlhf-feedback {job}: stopped: {outcome.aborted}; rerun the same command to resume", file=sys.stderr)
+        return 1
+    if pending:
+        first = f" (first: {outcome.first_failure})" if outcome is not None and outcome.first_failure else ""
+        print(
+            f"rlhf-feedback {job}: {pending} rows could not be {verb}{first}; rerun the same command to retry them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 class Progress:

@@ -39,6 +39,7 @@ from rlhf_train.jobs.io import (
     UnitFailed,
     check_fresh_outputs,
     content_hash,
+    exit_code,
     in_input_order,
     journal_path,
     output_format,
@@ -366,18 +367,7 @@ def _run(args: argparse.Namespace) -> int:
             elapsed=time.monotonic() - t0,
         )
     )
-    if outcome is not None and outcome.aborted:
-        print(f"rlhf-feedback score: stopped: {outcome.aborted}; rerun the same command to resume", file=sys.stderr)
-        return 1
-    if not done:
-        first = f" (first: {outcome.first_failure})" if outcome is not None and outcome.first_failure else ""
-        print(
-            f"rlhf-feedback score: {len(items) - len(state.done)} rows could not be scored{first}; "
-            "rerun the same command to retry them",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return exit_code("score", outcome, pending=0 if done else len(items) - len(state.done), verb="scored")
 
 
 # -- the parser ------------------------------------------------------------------------------------
