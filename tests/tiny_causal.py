@@ -6,28 +6,17 @@ from pathlib import Path
 
 import torch
 
-from tests.tiny_models import CHATML, CORPUS
+from tests.tiny_models import CHATML, CORPUS, bpe_tokenizer
 
 
 def make_tiny_causal_llama(out: Path, *, max_position: int = 256, seed: int = 0) -> Path:
     """A 2-layer ``LlamaForCausalLM`` (hidden 64) with a byte-level BPE tokenizer trained on a
     small corpus (every single character, ``A``/``B``/digits included, is one token), a ChatML
     chat template, ``<|im_end|>`` as eos and ``<pad>`` as the pad token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
     corpus = [*CORPUS, "Response A is better. Response B is worse. Verdict: A", "Verdict: B"] * 2
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<pad>", unk_token=None
-    )
+    fast = bpe_tokenizer(corpus, eos="<|im_end|>", bos="<|im_start|>", pad="<pad>")
     fast.chat_template = CHATML
     fast.model_max_length = max_position
     torch.manual_seed(seed)

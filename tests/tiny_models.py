@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers.utils import logging as hf_logging
@@ -25,10 +26,10 @@ CORPUS = [
 ] * 20
 
 
-def make_tiny_llama(out: Path, *, pad_is_eos: bool = True, max_position: int = 96, seed: int = 0) -> Path:
-    """A 2-layer Llama reward model with a ChatML template; pad == eos by default (the hard case)."""
+def bpe_tokenizer(corpus: list[str], *, eos: str, bos: str, pad: str) -> Any:
+    """A byte-level BPE tokenizer (vocabulary 400) trained on ``corpus``, with the ChatML special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -37,13 +38,16 @@ def make_tiny_llama(out: Path, *, pad_is_eos: bool = True, max_position: int = 9
     trainer = trainers.BpeTrainer(
         vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        bos_token="<|endoftext|>",
-        pad_token="<|endoftext|>" if pad_is_eos else "<pad>",
-        unk_token=None,
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos, pad_token=pad, unk_token=None)
+
+
+def make_tiny_llama(out: Path, *, pad_is_eos: bool = True, max_position: int = 96, seed: int = 0) -> Path:
+    """A 2-layer Llama reward model with a ChatML template; pad == eos by default (the hard case)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    fast = bpe_tokenizer(
+        CORPUS, eos="<|endoftext|>", bos="<|endoftext|>", pad="<|endoftext|>" if pad_is_eos else "<pad>"
     )
     fast.chat_template = CHATML
     fast.model_max_length = max_position

@@ -55,6 +55,21 @@ class ServerProcess:
         )
 
     @classmethod
+    def serve(
+        cls,
+        service: str,
+        extra: Sequence[str] = (),
+        *,
+        log_path: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        tls_ca: Path | None = None,
+    ) -> ServerProcess:
+        """``rlhf-feedback serve SERVICE`` on loopback, both transports on free ports."""
+        http_port, grpc_port = free_port(), free_port()
+        argv = ["serve", service, "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+        return cls([*argv, *extra], http_port=http_port, grpc_port=grpc_port, log_path=log_path, env=env, tls_ca=tls_ca)
+
+    @classmethod
     def reward(
         cls,
         extra: Sequence[str] = (),
@@ -63,9 +78,7 @@ class ServerProcess:
         env: Mapping[str, str] | None = None,
         tls_ca: Path | None = None,
     ) -> ServerProcess:
-        http_port, grpc_port = free_port(), free_port()
-        argv = ["serve", "reward", "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-        return cls([*argv, *extra], http_port=http_port, grpc_port=grpc_port, log_path=log_path, env=env, tls_ca=tls_ca)
+        return cls.serve("reward", extra, log_path=log_path, env=env, tls_ca=tls_ca)
 
     @classmethod
     def judge(
@@ -76,9 +89,7 @@ class ServerProcess:
         env: Mapping[str, str] | None = None,
         tls_ca: Path | None = None,
     ) -> ServerProcess:
-        http_port, grpc_port = free_port(), free_port()
-        argv = ["serve", "judge", "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-        return cls([*argv, *extra], http_port=http_port, grpc_port=grpc_port, log_path=log_path, env=env, tls_ca=tls_ca)
+        return cls.serve("judge", extra, log_path=log_path, env=env, tls_ca=tls_ca)
 
     @property
     def http_url(self) -> str:
