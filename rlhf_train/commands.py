@@ -1,4 +1,4 @@
-"""The ``rlhf-feedback label`` and ``rlhf-feedback score`` commands (registered by :mod:`services.cli`)."""
+"""Job and training commands (registered by :mod:`services.cli`): ``label``, ``score``, ``train rm``, ``train ppo``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,16 @@ import argparse
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from rlhf_train.jobs import label, score
+    from rlhf_train.ppo import command as ppo_command
+    from rlhf_train.rm import command as rm_command
 
     label.register(commands)
     score.register(commands)
+    train = commands.add_parser(
+        "train",
+        help="Train a reward model (rm) or a policy with PPO against the reward service (ppo).",
+        description="Training jobs that consume what the services produce.",
+    )
+    trainers = train.add_subparsers(dest="trainer", metavar="TRAINER", required=True)
+    rm_command.register(trainers)
+    ppo_command.register(trainers)

@@ -15,9 +15,11 @@ from services import __version__
 
 def _build_parser() -> argparse.ArgumentParser:
     from rlhf_train import commands as job_commands
+    from services.bench import command as bench_command
     from services.judge import commands as judge_commands
     from services.judge import eval_command
     from services.reward import commands as reward_commands
+    from services.reward import export_onnx
 
     parser = argparse.ArgumentParser(
         prog="rlhf-feedback",
@@ -34,6 +36,8 @@ def _build_parser() -> argparse.ArgumentParser:
     # (label, score, ... register here)
     job_commands.register(commands)
     eval_command.register(commands)
+    bench_command.register(commands)
+    export_onnx.register(commands)
     return parser
 
 

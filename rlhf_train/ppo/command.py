@@ -1,0 +1,10 @@
+"""``rlhf-feedback train ppo`` argument parsing (placeholder until implemented)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(trainers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = trainers.add_parser("ppo", help="(not yet implemented)")
+    p.set_defaults(run=lambda args: 2)

@@ -1,0 +1,1 @@
+"""``rlhf-feedback bench``: reproducible performance measurements (reward service, judge, backends)."""
