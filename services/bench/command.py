@@ -6,7 +6,7 @@ import argparse
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from services.bench import judge_command, reward_command
+    from services.bench import agreement_command, judge_command, reward_command
 
     bench = commands.add_parser(
         "bench",
@@ -16,3 +16,4 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     kinds = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     reward_command.register(kinds)
     judge_command.register(kinds)
+    agreement_command.register(kinds)

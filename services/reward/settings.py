@@ -25,7 +25,11 @@ class RewardSettings(ServiceSettings):
         "Unset: the embedded default reward model (SmolLM2-135M-Instruct with a trained head).",
     )
     model_id: str | None = Field(None, description="Model id reported in responses (default: the folder name).")
-    backend: Literal["torch"] = Field("torch", description="Inference backend.")
+    backend: Literal["torch", "onnx"] = Field(
+        "torch",
+        description="Inference backend: torch (any HF checkpoint) or onnx (a folder written by "
+        "`rlhf-feedback export-onnx`; onnxruntime CPU, or CUDA with onnxruntime-gpu).",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and compute dtype.")
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (cuda when present).")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: torch's choice).")
@@ -49,6 +53,11 @@ class RewardSettings(ServiceSettings):
     )
     sort_window_items: int = Field(
         1024, gt=0, description="How many of the oldest queued items are sorted by length when forming a batch."
+    )
+    prefix_sharing: bool = Field(
+        True,
+        description="Decoder models: run the common token prefix of a group of items (one prompt, several "
+        "responses) once with the KV cache and only the suffixes per item. Scores are unchanged.",
     )
     head_weights: tuple[float, ...] | None = Field(
         None, description="Vector heads: comma-separated weights of the scalar score (default: the mean)."
