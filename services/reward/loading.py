@@ -23,4 +23,5 @@ def load_backend(settings: RewardSettings) -> RewardBackend:
         max_length=settings.max_length,
         threads=settings.threads,
         model_id=settings.model_id,
+        prefix_sharing=settings.prefix_sharing,
     )

@@ -60,6 +60,7 @@ class TorchRewardBackend:
         threads: int | None = None,
         model_id: str | None = None,
         padding_side: Literal["right", "left"] = "right",
+        prefix_sharing: bool = True,
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -78,6 +79,7 @@ class TorchRewardBackend:
         self.model.to(self.device).eval()
         config = self.model.config
         self.padding_side = padding_side
+        self.prefix_sharing = prefix_sharing
         self.is_decoder = hasattr(self.model, "score") and not hasattr(self.model, "classifier")
         self.pad_token_id: int | None = config.pad_token_id
         # What we pad with; never read by the head (positions are computed per item).
