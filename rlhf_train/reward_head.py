@@ -163,8 +163,12 @@ def load_pairs(
 # -- features ----------------------------------------------------------------------------------
 
 
-def _item_key(item: EncodedItem) -> str:
+def item_key(item: EncodedItem) -> str:
+    """The feature-cache key of an encoded item: a hash of its token ids (the model is the folder's)."""
     return hashlib.sha256(np.asarray(item.input_ids, dtype=np.int64).tobytes()).hexdigest()
+
+
+_item_key = item_key
 
 
 class FeatureCache:
@@ -200,7 +204,7 @@ class FeatureCache:
         self._pending_keys, self._pending = [], []
 
 
-def _batches(items: list[tuple[str, EncodedItem]], budget: int) -> Iterable[list[tuple[str, EncodedItem]]]:
+def token_batches(items: list[tuple[str, EncodedItem]], budget: int) -> Iterable[list[tuple[str, EncodedItem]]]:
     """Shortest first (so that a rerun with a smaller ``--max-length`` reuses the most cached
     features); each batch's padded size (rows × longest) stays within ``budget`` tokens."""
     batch: list[tuple[str, EncodedItem]] = []
@@ -211,6 +215,9 @@ def _batches(items: list[tuple[str, EncodedItem]], budget: int) -> Iterable[list
         batch.append(entry)
     if batch:
         yield batch
+
+
+_batches = token_batches
 
 
 def _fmt_s(seconds: float) -> str:
@@ -228,7 +235,7 @@ def extract_features(
     flush_every: float = 60.0,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """``[len(encoded), hidden]`` features; computes only what the cache lacks."""
-    keys = [_item_key(it) for it in encoded]
+    keys = [item_key(it) for it in encoded]
     todo: dict[str, EncodedItem] = {}
     for k, it in zip(keys, encoded, strict=True):
         if k not in cache.data:
@@ -245,7 +252,7 @@ def extract_features(
     )
     started = last_log = last_flush = time.monotonic()
     done_seqs = done_tokens = 0
-    for batch in _batches(list(todo.items()), batch_tokens):
+    for batch in token_batches(list(todo.items()), batch_tokens):
         feats = backend.features([it for _, it in batch])
         cache.add([k for k, _ in batch], np.asarray(feats, dtype=np.float32))
         done_seqs += len(batch)
@@ -280,19 +287,21 @@ def extract_features(
 # -- Bradley-Terry head --------------------------------------------------------------------------
 
 
-def fit_bt(diff: np.ndarray, l2: float, *, max_iter: int = 500) -> np.ndarray:
-    """``argmin_w mean(-logsigmoid(diff @ w)) + l2/2 · |w'|²`` in float32 with L-BFGS.
+def fit_bt(diff: np.ndarray, l2: float, *, max_iter: int = 500, margin: np.ndarray | None = None) -> np.ndarray:
+    """``argmin_w mean(-logsigmoid(diff @ w - margin)) + l2/2 · |w'|²`` in float32 with L-BFGS.
 
     ``diff`` rows are ``f_chosen - f_rejected``. The fit runs on per-dimension standardised
     differences (a few hidden dimensions of a transformer are orders of magnitude larger than
     the rest), so ``l2`` penalises the standardised weights ``w' = w · scale``; the returned
-    ``w`` applies to raw features.
+    ``w`` applies to raw features. ``margin`` (per pair, optional) is TRL RewardTrainer's: the
+    chosen response must win by at least that much.
     """
     import torch
 
     scale = diff.std(axis=0).astype(np.float32)
     scale[scale < 1e-8] = 1.0
     x = torch.from_numpy((diff / scale).astype(np.float32))
+    m = None if margin is None else torch.from_numpy(np.asarray(margin, dtype=np.float32))
     w = torch.zeros(x.shape[1], dtype=torch.float32, requires_grad=True)
     opt = torch.optim.LBFGS(
         [w],
@@ -306,7 +315,8 @@ def fit_bt(diff: np.ndarray, l2: float, *, max_iter: int = 500) -> np.ndarray:
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = -torch.nn.functional.logsigmoid(x @ w).mean() + 0.5 * l2 * (w * w).sum()
+        z = x @ w if m is None else x @ w - m
+        loss = -torch.nn.functional.logsigmoid(z).mean() + 0.5 * l2 * (w * w).sum()
         loss.backward()
         return loss
 
