@@ -125,7 +125,8 @@ def _run_loop(
 
     labels = work / "pairs.jsonl"
     with Step(timings, "label", "3. label: the judge compares each pair in both orders -> DPO preference rows"):
-        _cli(["label", "--judge", judge.http_url, "--input", str(candidates), "--output", str(labels)], work / "label.log")
+        label_args = ["label", "--judge", judge.http_url, "--input", str(candidates), "--output", str(labels)]
+        _cli(label_args, work / "label.log")
     pairs = _jsonl(labels)
     rejects = _jsonl(work / "pairs.rejects.jsonl")
     consistent = sum(1 for p in pairs if p.get("consistent"))
@@ -170,13 +171,17 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 def _print_summary(s: dict[str, Any], work: Path) -> None:
     lab, rm = s["labels"], s["reward_model"]
-    acc = rm.get("test_accuracy", rm.get("held_out_accuracy"))
+    res = rm.get("results", {})
     print("\n================ summary ================")
     print(f"prompts {s['prompts']}, answer pairs {s['candidate_pairs']}")
     print(
         f"judge labels: {lab['pairs']} pairs, {lab['consistent']} consistent in both orders, {lab['rejected']} rejected"
     )
-    print(f"reward model (frozen backbone, linear head): held-out pairwise accuracy {_fmt(acc)}")
+    print(
+        f"reward model (frozen backbone, linear head): held-out pairwise accuracy {_fmt(res.get('test_acc'))} "
+        f"on {res.get('test_pairs', 0)} pairs (train {_fmt(res.get('train_acc'))} on {res.get('train_pairs', 0)}; "
+        f"'longer wins' {_fmt(res.get('length_baseline_test_acc'))})"
+    )
     print("PPO against the reward service:")
     print(f"{'step':>4} {'reward':>8} {'± std':>7} {'KL':>8} {'gen s':>6} {'score s':>7} {'wait s':>6} {'train s':>7}")
     for r in s["ppo"]:
