@@ -32,5 +32,13 @@ def run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"rlhf-feedback serve reward: {exc}", file=sys.stderr)
         return 2
+    if settings.backend == "onnx":
+        from services.reward.loading import check_onnx_settings
+
+        try:
+            check_onnx_settings(settings)
+        except (ValueError, OSError) as exc:  # before loading anything: one line, not a logged traceback
+            print(f"rlhf-feedback serve reward: {exc}", file=sys.stderr)
+            return 2
     configure_logging(settings.log_level)
     return asyncio.run(serve_reward(settings))
