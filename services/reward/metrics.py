@@ -41,8 +41,14 @@ class RewardMetrics:
             buckets=(0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
             registry=r,
         )
+        # Token positions the forward passes run: a shared prefix counts once (see prefix_tokens_saved).
         self.padded_tokens = Counter("rlhf_reward_padded_tokens", "Padded tokens run.", registry=r)
         self.real_tokens = Counter("rlhf_reward_real_tokens", "Real (unpadded) tokens run.", registry=r)
+        self.prefix_tokens_saved = Counter(
+            "rlhf_reward_prefix_tokens_saved",
+            "Tokens not run again because items of one prompt shared their common prefix (KV cache).",
+            registry=r,
+        )
         self.queue_seconds = Histogram(
             "rlhf_reward_queue_seconds", "Time an item waited for its batch.", buckets=_SECONDS, registry=r
         )
@@ -62,11 +68,21 @@ class RewardMetrics:
     def on_queue_depth(self, items: int) -> None:
         self.queue_depth.set(items)
 
-    def on_batch(self, *, items: int, padded_tokens: int, real_tokens: int, queue_seconds: Sequence[float]) -> None:
+    def on_batch(
+        self,
+        *,
+        items: int,
+        padded_tokens: int,
+        real_tokens: int,
+        queue_seconds: Sequence[float],
+        prefix_tokens_saved: int = 0,
+    ) -> None:
         self.batch_size.observe(items)
         self.batch_tokens.observe(padded_tokens)
         self.padded_tokens.inc(padded_tokens)
         self.real_tokens.inc(real_tokens)
+        if prefix_tokens_saved:
+            self.prefix_tokens_saved.inc(prefix_tokens_saved)
         if padded_tokens:
             self.padding_ratio.observe(1.0 - real_tokens / padded_tokens)
         for s in queue_seconds:

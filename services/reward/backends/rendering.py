@@ -18,6 +18,7 @@ so an untruncated item gets exactly the ids ``tokenizer(rendered)`` gives.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,33 +66,48 @@ class Renderer:
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
 
     def encode(self, inputs: Sequence[RewardInput]) -> list[EncodedItem]:
-        out = []
+        """Encode a request's items: ``text`` and chat-template items in one batched tokenizer
+        call each (the Rust tokenizer's per-call overhead dominates short items), the rest one
+        by one. The ids are those of the item's own ``tokenizer(rendered)`` call."""
+        out: list[EncodedItem | None] = [None] * len(inputs)
+        texts: list[tuple[int, str]] = []
+        templated: list[tuple[int, str, str]] = []  # index, rendered, rendered prompt part
+        heads: dict[tuple[tuple[ChatMessage, ...], bool], str] = {}  # one render per distinct prompt
         for i, item in enumerate(inputs):
-            enc = self._encode_one(item)
-            if enc.num_tokens == 0:
+            if item.text is not None:
+                texts.append((i, item.text))
+            elif self.has_template:
+                templated.append((i, *self._render(item, heads)))
+            elif item.messages is not None:
+                out[i] = self._encode_lines(item.messages)
+            else:
+                assert item.prompt is not None and item.response is not None
+                prompt = item.prompt if isinstance(item.prompt, str) else _lines(item.prompt)
+                out[i] = self._encode_sentence_pair(prompt, item.response)
+        if texts:
+            batch = self.tokenizer([t for _, t in texts], add_special_tokens=False)["input_ids"]
+            for (i, _), ids in zip(texts, batch, strict=True):
+                keep = ids[-self.max_length :] if len(ids) > self.max_length else ids
+                out[i] = EncodedItem(tuple(keep), truncated=len(keep) < len(ids))
+        if templated:
+            enc = self.tokenizer([r for _, r, _ in templated], add_special_tokens=False, return_offsets_mapping=True)
+            for (i, _, prefix), ids, offsets in zip(templated, enc["input_ids"], enc["offset_mapping"], strict=True):
+                # Token ends never decrease: the tokens inside the prompt are a prefix of them.
+                boundary = bisect_right(offsets, len(prefix), key=lambda o: o[1]) if prefix else 0
+                out[i] = self._truncate(list(ids), boundary)
+        for i, enc_item in enumerate(out):
+            if enc_item is None or enc_item.num_tokens == 0:
                 raise invalid("item renders to zero tokens", item=i)
-            out.append(enc)
-        return out
+        return [e for e in out if e is not None]
 
     # -- per form -----------------------------------------------------------------------------
-
-    def _encode_one(self, item: RewardInput) -> EncodedItem:
-        if item.text is not None:
-            ids = self._ids(item.text)
-            keep = ids[-self.max_length :] if len(ids) > self.max_length else ids
-            return EncodedItem(tuple(keep), truncated=len(keep) < len(ids))
-        if self.has_template:
-            return self._encode_templated(item)
-        if item.messages is not None:
-            return self._encode_lines(item.messages)
-        assert item.prompt is not None and item.response is not None
-        prompt = item.prompt if isinstance(item.prompt, str) else _lines(item.prompt)
-        return self._encode_sentence_pair(prompt, item.response)
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _encode_templated(self, item: RewardInput) -> EncodedItem:
+    def _render(self, item: RewardInput, heads: dict[tuple[tuple[ChatMessage, ...], bool], str]) -> tuple[str, str]:
+        """``(rendered, prompt part)`` with the chat template; the prompt part is "" when the
+        template re-renders earlier turns (then the item counts as prompt-less)."""
         if item.messages is not None:
             conversation = list(item.messages)
             head = conversation[:-1]
@@ -104,15 +120,15 @@ class Renderer:
         rendered = self.tokenizer.apply_chat_template(_as_dicts(conversation), tokenize=False)
         prefix = ""
         if head:
-            prefix = self.tokenizer.apply_chat_template(
-                _as_dicts(head), tokenize=False, add_generation_prompt=generation_prompt
-            )
+            key = (tuple(head), generation_prompt)
+            if key not in heads:
+                heads[key] = self.tokenizer.apply_chat_template(
+                    _as_dicts(head), tokenize=False, add_generation_prompt=generation_prompt
+                )
+            prefix = heads[key]
             if not rendered.startswith(prefix):
                 prefix = ""  # template re-renders earlier turns; treat everything as prompt-less
-        enc = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        boundary = sum(1 for _, end in enc["offset_mapping"] if end <= len(prefix)) if prefix else 0
-        return self._truncate(ids, boundary)
+        return str(rendered), str(prefix)
 
     def _encode_lines(self, messages: Sequence[ChatMessage]) -> EncodedItem:
         prefix = _lines(messages[:-1])

@@ -1,6 +1,10 @@
 """Dynamic batcher: token-budget batches, length-sorted, online before batch work.
 
-One future per item. The scheduler forms a batch only when the model worker can take it
+One future per item. Items of one ``group`` (one prompt, several responses) whose backend
+shares their common token prefix travel as one unit: never split across batches (unless
+the group alone is over the token budget: then it runs as consecutive chunks that each fit
+and each share their own prefix), and priced at what the forward pass really runs: the
+prefix once plus every suffix padded. The scheduler forms a batch only when the model worker can take it
 (at most one batch waits while another runs), drops cancelled and expired items before the
 forward pass, and settles every future it took, also when the backend raises or returns the
 wrong number of rows.
@@ -28,6 +32,9 @@ from .items import EncodedItem, Priority
 log = logging.getLogger(__name__)
 
 ForwardFn = Callable[[Sequence[EncodedItem]], np.ndarray]
+# Tokens a group's items share and the backend runs once (0: none); the same rule the
+# backend's forward applies, so the budget prices what really runs.
+SharedPrefixFn = Callable[[Sequence[EncodedItem]], int]
 
 
 class BatchObserver(Protocol):
@@ -35,7 +42,17 @@ class BatchObserver(Protocol):
 
     def on_queue_depth(self, items: int) -> None: ...
 
-    def on_batch(self, *, items: int, padded_tokens: int, real_tokens: int, queue_seconds: Sequence[float]) -> None: ...
+    def on_batch(
+        self,
+        *,
+        items: int,
+        padded_tokens: int,
+        real_tokens: int,
+        queue_seconds: Sequence[float],
+        prefix_tokens_saved: int = 0,
+    ) -> None:
+        """``padded_tokens``/``real_tokens``: positions the forward runs, with and without padding
+        (a shared prefix counts once); ``prefix_tokens_saved``: tokens sharing did not rerun."""
 
     def on_inference(self, seconds: float) -> None: ...
 
@@ -44,7 +61,15 @@ class _NullObserver:
     def on_queue_depth(self, items: int) -> None:
         pass
 
-    def on_batch(self, *, items: int, padded_tokens: int, real_tokens: int, queue_seconds: Sequence[float]) -> None:
+    def on_batch(
+        self,
+        *,
+        items: int,
+        padded_tokens: int,
+        real_tokens: int,
+        queue_seconds: Sequence[float],
+        prefix_tokens_saved: int = 0,
+    ) -> None:
         pass
 
     def on_inference(self, seconds: float) -> None:
@@ -67,13 +92,62 @@ class _Pending:
     seq: int
     enqueued: float = field(default_factory=time.monotonic)
 
+
+@dataclass(eq=False)
+class _Unit:
+    """What batches are made of: one item, or the items of one group sharing ``prefix`` tokens.
+
+    ``width`` is the longest suffix (the whole item when nothing is shared).
+    """
+
+    members: list[_Pending]
+    prefix: int
+    width: int
+
+    @property
+    def seq(self) -> int:
+        return self.members[0].seq
+
+    @property
+    def enqueued(self) -> float:
+        return self.members[0].enqueued
+
     @property
     def cost(self) -> int:
-        return max(1, self.item.num_tokens)
+        """Tokens this unit costs as a batch of its own."""
+        return self.prefix + len(self.members) * self.width
+
+
+def _unit(members: list[_Pending], prefix: int) -> _Unit:
+    return _Unit(members, prefix, max(1, max(p.item.num_tokens for p in members) - prefix))
+
+
+class _Cost:
+    """Running token cost of a batch as the backend runs it: when some unit shares a prefix,
+    one padded pass over the prefixes plus one padded pass over every item's suffix."""
+
+    __slots__ = ("items", "prefix_width", "prefixes", "width")
+
+    def __init__(self) -> None:
+        self.items = self.width = self.prefixes = self.prefix_width = 0
+
+    def total(self) -> int:
+        return self.prefixes * self.prefix_width + self.items * self.width
+
+    def with_unit(self, u: _Unit) -> int:
+        prefixes = self.prefixes + (1 if u.prefix else 0)
+        return prefixes * max(self.prefix_width, u.prefix) + (self.items + len(u.members)) * max(self.width, u.width)
+
+    def add(self, u: _Unit) -> None:
+        self.items += len(u.members)
+        self.width = max(self.width, u.width)
+        if u.prefix:
+            self.prefixes += 1
+            self.prefix_width = max(self.prefix_width, u.prefix)
 
 
 def padded_tokens(lengths: Sequence[int]) -> int:
-    """Tokens a batch costs once padded to its longest item."""
+    """Tokens a batch of unshared items costs once padded to its longest item."""
     return max(lengths) * len(lengths) if lengths else 0
 
 
@@ -87,19 +161,21 @@ class Batcher:
         *,
         observer: BatchObserver | None = None,
         executor: ThreadPoolExecutor | None = None,
+        shared_prefix: SharedPrefixFn | None = None,
     ) -> None:
         self._forward = forward
+        self._shared_prefix = shared_prefix
         self.config = config
         self._observer: BatchObserver = observer or _NullObserver()
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="reward-forward")
         self._owns_executor = executor is None
-        self._queues: dict[Priority, deque[_Pending]] = {p: deque() for p in Priority}
+        self._queues: dict[Priority, deque[_Unit]] = {p: deque() for p in Priority}
         self._queued = 0
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
         # Two slots: one batch running, at most one formed and waiting for the worker.
         self._slots = asyncio.Semaphore(2)
-        self._handoff: asyncio.Queue[list[_Pending]] = asyncio.Queue(maxsize=1)
+        self._handoff: asyncio.Queue[list[_Unit]] = asyncio.Queue(maxsize=1)
         self._tasks: list[asyncio.Task[None]] = []
         self._busy = 0  # batches taken by the worker and not yet settled
         self._seconds_per_item = 0.05  # running estimate, for Retry-After
@@ -137,15 +213,61 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         queue = self._queues[priority]
-        futures: list[asyncio.Future[np.ndarray]] = []
-        for item in items:
-            fut: asyncio.Future[np.ndarray] = loop.create_future()
-            queue.append(_Pending(item, fut, deadline, next(self._seq)))
-            futures.append(fut)
+        futures: list[asyncio.Future[np.ndarray]] = [loop.create_future() for _ in items]
+        now = time.monotonic()
+        pending = [_Pending(it, f, deadline, next(self._seq), now) for it, f in zip(items, futures, strict=True)]
+        groups: dict[int, list[_Pending]] = {}
+        for p in pending:
+            if p.item.group is None or self._shared_prefix is None:
+                queue.append(_Unit([p], 0, max(1, p.item.num_tokens)))
+            else:
+                groups.setdefault(p.item.group, []).append(p)
+        for members in groups.values():
+            queue.extend(self._group_units(members))
         self._queued += len(items)
         self._observer.on_queue_depth(self._queued)
         self._wakeup.set()
         return futures
+
+    def _group_units(self, members: list[_Pending]) -> list[_Unit]:
+        """One unit for a group whose prefix is shared; single items when nothing is shared (they
+        then sort by length like any other); consecutive chunks when the group is over budget."""
+        prefix = self._prefix_of(members)
+        if prefix == 0:
+            return [_Unit([p], 0, max(1, p.item.num_tokens)) for p in members]
+        whole = _unit(members, prefix)
+        budget = self.config.max_batch_tokens
+        if whole.cost <= budget:
+            return [whole]
+        # A chunk's own prefix is at least the group's, and a longer prefix only lowers the
+        # cost, so sizing the chunks with the group's prefix keeps each within the budget.
+        chunks: list[list[_Pending]] = [[]]
+        width = 0
+        for p in members:
+            w = max(width, p.item.num_tokens - prefix)
+            if chunks[-1] and prefix + (len(chunks[-1]) + 1) * w > budget:
+                chunks.append([])
+                w = p.item.num_tokens - prefix
+            chunks[-1].append(p)
+            width = w
+        return [self._regroup(c) for c in chunks]
+
+    def _prefix_of(self, members: list[_Pending]) -> int:
+        if self._shared_prefix is None or len(members) < 2:
+            return 0
+        return self._shared_prefix([p.item for p in members])
+
+    def _regroup(self, members: list[_Pending]) -> _Unit:
+        return _unit(members, self._prefix_of(members))
+
+    def _prune(self, u: _Unit, now: float) -> _Unit | None:
+        """The unit without its cancelled or expired items (repriced), or None when none is left."""
+        alive = [p for p in u.members if not _drop_if_dead(p, now)]
+        if not alive:
+            return None
+        if len(alive) == len(u.members):
+            return u
+        return self._regroup(alive) if u.prefix else _unit(alive, 0)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -166,11 +288,13 @@ class Batcher:
         self._tasks = []
         err = ServiceError(ErrorCode.UNAVAILABLE, "server shutting down")
         while not self._handoff.empty():
-            for p in self._handoff.get_nowait():
-                _settle_error(p, err)
+            for u in self._handoff.get_nowait():
+                for p in u.members:
+                    _settle_error(p, err)
         for queue in self._queues.values():
             while queue:
-                _settle_error(queue.popleft(), err)
+                for p in queue.popleft().members:
+                    _settle_error(p, err)
         self._queued = 0
         if self._owns_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -180,7 +304,7 @@ class Batcher:
     async def _schedule(self) -> None:
         while True:
             await self._slots.acquire()
-            batch: list[_Pending] = []
+            batch: list[_Unit] = []
             try:
                 while not batch:
                     while self._queued == 0:
@@ -191,8 +315,9 @@ class Batcher:
                 await self._handoff.put(batch)
             except BaseException:
                 self._slots.release()
-                for p in batch:
-                    _settle_error(p, ServiceError(ErrorCode.UNAVAILABLE, "server shutting down"))
+                for u in batch:
+                    for p in u.members:
+                        _settle_error(p, ServiceError(ErrorCode.UNAVAILABLE, "server shutting down"))
                 raise
 
     async def _gather_window(self) -> None:
@@ -214,39 +339,42 @@ class Batcher:
     def _queued_tokens_at_least(self, budget: int) -> bool:
         total = 0
         for queue in self._queues.values():
-            for p in queue:
-                total += p.cost
+            for u in queue:
+                total += u.cost
                 if total >= budget:
                     return True
         return False
 
-    def _form_batch(self) -> list[_Pending]:
+    def _form_batch(self) -> list[_Unit]:
         """Take a window of the oldest items of the highest priority, sort it by length, and fill
         the token budget from the shortest; the rest go back to the front of their queue."""
         now = time.monotonic()
+        limit = self.config.max_batch_tokens
         for priority in Priority:
             queue = self._queues[priority]
-            window: list[_Pending] = []
-            while queue and len(window) < self.config.sort_window_items:
-                p = queue.popleft()
-                self._queued -= 1
-                if _drop_if_dead(p, now):
-                    continue
-                window.append(p)
+            window: list[_Unit] = []
+            taken = 0
+            while queue and taken < self.config.sort_window_items:
+                u = queue.popleft()
+                self._queued -= len(u.members)
+                taken += len(u.members)
+                live = self._prune(u, now)
+                if live is not None:
+                    window.append(live)
             if not window:
                 continue
-            window.sort(key=lambda p: p.cost)
-            batch: list[_Pending] = []
-            longest = 0
-            for p in window:
-                longest_if = max(longest, p.cost)
-                if batch and longest_if * (len(batch) + 1) > self.config.max_batch_tokens:
+            window.sort(key=lambda u: u.width)
+            cost = _Cost()
+            n = 0
+            for u in window:
+                if n and cost.with_unit(u) > limit:
                     break
-                batch.append(p)
-                longest = longest_if
-            rest = sorted(window[len(batch) :], key=lambda p: p.seq)
+                cost.add(u)
+                n += 1
+            batch = window[:n]
+            rest = sorted(window[n:], key=lambda u: u.seq)
             queue.extendleft(reversed(rest))
-            self._queued += len(rest)
+            self._queued += sum(len(u.members) for u in rest)
             self._observer.on_queue_depth(self._queued)
             return batch
         self._observer.on_queue_depth(self._queued)
@@ -261,21 +389,28 @@ class Batcher:
             self._busy += 1
             try:
                 now = time.monotonic()
-                live = [p for p in batch if not _drop_if_dead(p, now)]
+                live = [v for v in (self._prune(u, now) for u in batch) if v is not None]
                 if live:
                     await self._run(loop, live, now)
             finally:
                 self._busy -= 1
                 self._slots.release()
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, live: list[_Pending], now: float) -> None:
+    async def _run(self, loop: asyncio.AbstractEventLoop, units: list[_Unit], now: float) -> None:
+        live = [p for u in units for p in u.members]
         items = [p.item for p in live]
-        lengths = [it.num_tokens for it in items]
+        cost = _Cost()
+        saved = 0
+        for u in units:
+            cost.add(u)
+            saved += (len(u.members) - 1) * u.prefix
+        real = sum(it.num_tokens for it in items) - saved
         self._observer.on_batch(
             items=len(items),
-            padded_tokens=padded_tokens(lengths),
-            real_tokens=sum(lengths),
+            padded_tokens=cost.total() if cost.prefixes else padded_tokens([it.num_tokens for it in items]),
+            real_tokens=real,
             queue_seconds=[now - p.enqueued for p in live],
+            prefix_tokens_saved=saved,
         )
         started = time.perf_counter()
         try:

@@ -66,8 +66,9 @@ class EncodedItem:
 
     ``prompt_tokens`` counts the leading tokens that belong to the prompt (0 for ``text``
     items); items of one request with equal prompts share ``group`` so that a decoder backend
-    can run their common prefix once. ``readout_ids`` are token ids whose next-token log
-    probabilities a verdict backend reads (the local judge's ``A``/``B``); None for rewards.
+    can run their common prefix once (the engine sets it, only for a backend that shares).
+    ``readout_ids`` are token ids whose next-token log probabilities a verdict backend reads
+    (the local judge's ``A``/``B``); None for rewards.
     """
 
     input_ids: tuple[int, ...]

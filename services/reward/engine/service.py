@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -19,12 +21,13 @@ import numpy as np
 
 from services.common.errors import INTERNAL_MESSAGE, ErrorCode, ServiceError, invalid
 from services.common.lifecycle import EngineState, Lifecycle
-from services.reward.backends.base import RewardBackend
+from services.reward.backends.base import RewardBackend, shared_prefix_fn
 from services.reward.metrics import RewardMetrics
 
 from .batcher import Batcher, BatcherConfig
 from .items import (
     CompareOutcome,
+    EncodedItem,
     ItemError,
     ItemResult,
     Limits,
@@ -78,6 +81,8 @@ class RewardEngine:
         self._normalizer = Normalizer(self.config.normalize_mean, self.config.normalize_std)
         # One thread: HF fast tokenizers are not safe to call from several threads at once.
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="reward-tokenize")
+        self._grouping = False  # set at start: the backend shares the prefix of a group
+        self._group_ids = itertools.count()
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -122,7 +127,9 @@ class RewardEngine:
             self.lifecycle.set(EngineState.FAILED)
             raise
         self._backend = backend
-        self._batcher = Batcher(backend.forward, self.config.batcher, observer=self.metrics)
+        shared = shared_prefix_fn(backend)
+        self._grouping = shared is not None
+        self._batcher = Batcher(backend.forward, self.config.batcher, observer=self.metrics, shared_prefix=shared)
         await self._batcher.start()
         self.lifecycle.set(EngineState.READY)
         log.info("model %s (%s) ready", backend.info.id, backend.info.revision)
@@ -168,6 +175,8 @@ class RewardEngine:
             )
         loop = asyncio.get_running_loop()
         encoded = await loop.run_in_executor(self._tokenize_pool, backend.encode, list(inputs))
+        if self._grouping:
+            encoded = self._assign_groups(inputs, encoded)
         if deadline is not None and time.monotonic() >= deadline:
             raise ServiceError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed before scoring started")
         truncated = sum(1 for e in encoded if e.truncated)
@@ -175,6 +184,18 @@ class RewardEngine:
             self.metrics.truncations.inc(truncated)
         futures = batcher.submit(encoded, priority=priority, deadline=deadline)
         return [_Submitted(f, e.num_tokens, e.truncated) for f, e in zip(futures, encoded, strict=True)]
+
+    def _assign_groups(self, inputs: Sequence[RewardInput], encoded: list[EncodedItem]) -> list[EncodedItem]:
+        """Items of this request with equal prompts share a group id (unique across requests)."""
+        keys = [_prompt_key(x) for x in inputs]
+        counts: dict[object, int] = {}
+        for k in keys:
+            if k is not None:
+                counts[k] = counts.get(k, 0) + 1
+        ids = {k: next(self._group_ids) for k, c in counts.items() if c > 1}
+        if not ids:
+            return encoded
+        return [dataclasses.replace(e, group=ids[k]) if k in ids else e for e, k in zip(encoded, keys, strict=True)]
 
     def _result(self, sub: _Submitted) -> ItemResult:
         fut, num_tokens, truncated = sub.future, sub.num_tokens, sub.truncated
@@ -282,6 +303,16 @@ class RewardEngine:
         probs = [e / total for e in exp]
         ranking = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
         return CompareOutcome(outcome.model, scores, probs, ranking)
+
+
+def _prompt_key(x: RewardInput) -> object | None:
+    """What makes two items of a request "one prompt": the same ``prompt``, or the same
+    conversation but for its last message; None for ``text`` items (no prompt to share)."""
+    if x.prompt is not None:
+        return ("prompt", x.prompt)
+    if x.messages is not None and len(x.messages) > 1:
+        return ("messages", x.messages[:-1])
+    return None
 
 
 @dataclass(frozen=True)
