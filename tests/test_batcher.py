@@ -198,3 +198,22 @@ async def test_stop_settles_everything_still_queued() -> None:
     await stopping
     for f in [first, *futs]:
         assert f.done()
+
+
+async def test_the_oldest_item_is_never_starved_by_shorter_newcomers() -> None:
+    """Each batch holds the oldest queued item, so a long item waits for at most one batch
+    formed after it was queued, however many short items keep arriving."""
+    rec = Recorder()
+    batcher = await make(rec, max_batch_tokens=40)
+    try:
+        gate = await held(rec, batcher)
+        long_item = batcher.submit([item(30, tag=9)])[0]
+        shorts = [batcher.submit([item(4, tag=1)])[0] for _ in range(20)]
+        rec.gate.set()
+        await gate
+        await long_item
+        # The long item was queued first: it runs in the first batch after the held one.
+        assert any(it.num_tokens == 30 for it in rec.batches[1])
+        await asyncio.gather(*shorts)
+    finally:
+        await batcher.stop()

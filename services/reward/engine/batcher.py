@@ -146,6 +146,41 @@ class _Cost:
             self.prefix_width = max(self.prefix_width, u.prefix)
 
 
+def _real_tokens(u: _Unit) -> int:
+    return sum(p.item.num_tokens for p in u.members) - (len(u.members) - 1) * u.prefix
+
+
+def _around_oldest(window: Sequence[_Unit], limit: int) -> list[int]:
+    """Indices of one batch from a length-sorted window: the oldest unit, then its neighbours in
+    length order, one at a time from whichever side adds less padding, while the batch fits.
+
+    Anchoring on the oldest bounds every item's wait (filling from the shortest starves long
+    items under a steady stream of short ones, and the p99 latency with them); growing a
+    contiguous run of the sorted window keeps padding as low as the window allows.
+    """
+    anchor = min(range(len(window)), key=lambda i: window[i].seq)
+    cost = _Cost()
+    cost.add(window[anchor])
+    real = _real_tokens(window[anchor])
+    lo = hi = anchor
+    while True:
+        best: tuple[int, int, int] | None = None  # (padding after, side, cost)
+        for side, idx in ((0, lo - 1), (1, hi + 1)):
+            if 0 <= idx < len(window):
+                total = cost.with_unit(window[idx])
+                if total <= limit:
+                    pad = total - real - _real_tokens(window[idx])
+                    if best is None or pad < best[0]:
+                        best = (pad, side, idx)
+        if best is None:
+            break
+        idx = best[2]
+        cost.add(window[idx])
+        real += _real_tokens(window[idx])
+        lo, hi = min(lo, idx), max(hi, idx)
+    return list(range(lo, hi + 1))
+
+
 def padded_tokens(lengths: Sequence[int]) -> int:
     """Tokens a batch of unshared items costs once padded to its longest item."""
     return max(lengths) * len(lengths) if lengths else 0
@@ -346,8 +381,9 @@ class Batcher:
         return False
 
     def _form_batch(self) -> list[_Unit]:
-        """Take a window of the oldest items of the highest priority, sort it by length, and fill
-        the token budget from the shortest; the rest go back to the front of their queue."""
+        """Take a window of the oldest items of the highest priority, sort it by length, and build
+        the batch around the oldest unit (see :func:`_around_oldest`); the rest go back to the
+        front of their queue."""
         now = time.monotonic()
         limit = self.config.max_batch_tokens
         for priority in Priority:
@@ -364,15 +400,11 @@ class Batcher:
             if not window:
                 continue
             window.sort(key=lambda u: u.width)
-            cost = _Cost()
-            n = 0
-            for u in window:
-                if n and cost.with_unit(u) > limit:
-                    break
-                cost.add(u)
-                n += 1
-            batch = window[:n]
-            rest = sorted(window[n:], key=lambda u: u.seq)
+            chosen = _around_oldest(window, limit)
+            batch = [window[i] for i in chosen]
+            taken_idx = set(chosen)
+            rest = [u for i, u in enumerate(window) if i not in taken_idx]
+            rest.sort(key=lambda u: u.seq)
             queue.extendleft(reversed(rest))
             self._queued += sum(len(u.members) for u in rest)
             self._observer.on_queue_depth(self._queued)
