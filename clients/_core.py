@@ -42,7 +42,18 @@ from clients.retry import AttemptTimeout, RequestIds, RetryPolicy, attempt_timeo
 T = TypeVar("T")
 
 API_KEY_ENV = "RLHF_FEEDBACK_API_KEY"
-USER_AGENT = "rlhf-feedback-client/0.1.0"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rlhf-feedback")
+    except PackageNotFoundError:  # a source tree without an install
+        return "0.0.0+unknown"
+
+
+USER_AGENT = f"rlhf-feedback-client/{_version()}"
 # An attempt may outlive the caller's deadline by this much, so that a server that answers at the
 # deadline (per-item DEADLINE_EXCEEDED results) is still heard.
 DEADLINE_GRACE_S = 0.25

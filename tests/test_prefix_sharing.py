@@ -258,7 +258,8 @@ async def test_a_group_is_never_split_across_batches_and_is_priced_as_it_runs() 
     rng = np.random.default_rng(1)
     items: list[EncodedItem] = []
     for gid in range(12):
-        items += group_items(gid, int(rng.integers(10, 30)), [int(x) for x in rng.integers(1, 12, size=4)])
+        # Responses of similar length (spread < prompt / 3): cutting the group never pays.
+        items += group_items(gid, int(rng.integers(10, 30)), [int(x) for x in rng.integers(1, 4, size=4)])
         items += [EncodedItem(tuple([7] * int(n)), truncated=False) for n in rng.integers(1, 40, size=3)]
     rec, obs = Recorder(), Observed()
     out = await run_batcher(rec, obs, 160, items)
@@ -274,6 +275,20 @@ async def test_a_group_is_never_split_across_batches_and_is_priced_as_it_runs() 
     assert obs.saved == expected_saved
     assert obs.real == sum(it.num_tokens for it in items) + 1 - expected_saved
     assert obs.padded == sum(batch_cost(bt) for bt in batches) + 1
+
+
+async def test_responses_of_very_different_lengths_are_cut_into_length_sorted_chunks() -> None:
+    """Padding a 3-token suffix to 41 costs more than recomputing a 20-token prefix: the group is
+    cut into [2, 3] and [40, 41] suffix chunks, each sharing the prefix (saving 20 tokens each)."""
+    items = group_items(0, 20, [40, 2, 41, 3])
+    rec, obs = Recorder(), Observed()
+    out = await run_batcher(rec, obs, 1000, items)
+    assert out == [float(it.num_tokens) for it in items]
+    suffixes = [sorted(it.num_tokens - 20 for it in bt) for bt in rec.batches[1:]]
+    assert suffixes == [[2, 3, 40, 41]]  # one batch (budget 1000); the chunks are two units
+    assert obs.saved == 20 + 20
+    # The batcher prices two prefix rows: 2 prefixes x 20 + 4 suffixes x 41.
+    assert obs.padded == 2 * 20 + 4 * 41 + 1
 
 
 async def test_a_group_over_the_budget_runs_as_chunks_that_each_fit() -> None:

@@ -265,27 +265,32 @@ class Batcher:
         return futures
 
     def _group_units(self, members: list[_Pending]) -> list[_Unit]:
-        """One unit for a group whose prefix is shared; single items when nothing is shared (they
-        then sort by length like any other); consecutive chunks when the group is over budget."""
+        """Units of one group: single items when nothing is shared (they then sort by length like
+        any other); else the members sorted by length and cut into chunks that share the prefix.
+
+        A member joins the current chunk when that costs fewer padded tokens than starting a new
+        chunk (which recomputes the prefix): responses of very different lengths would otherwise
+        pad every suffix to the longest and eat the saving. Every chunk fits the budget.
+        """
         prefix = self._prefix_of(members)
         if prefix == 0:
             return [_Unit([p], 0, max(1, p.item.num_tokens)) for p in members]
-        whole = _unit(members, prefix)
         budget = self.config.max_batch_tokens
-        if whole.cost <= budget:
-            return [whole]
-        # A chunk's own prefix is at least the group's, and a longer prefix only lowers the
-        # cost, so sizing the chunks with the group's prefix keeps each within the budget.
         chunks: list[list[_Pending]] = [[]]
         width = 0
-        for p in members:
-            w = max(width, p.item.num_tokens - prefix)
-            if chunks[-1] and prefix + (len(chunks[-1]) + 1) * w > budget:
-                chunks.append([])
-                w = p.item.num_tokens - prefix
+        for p in sorted(members, key=lambda m: m.item.num_tokens):
+            suffix = max(1, p.item.num_tokens - prefix)
+            n = len(chunks[-1])
+            if n:
+                # A chunk's own prefix is at least the group's, and a longer prefix only lowers
+                # the cost, so sizing chunks with the group's prefix keeps each within budget.
+                over = prefix + (n + 1) * suffix > budget
+                dearer = n * (suffix - width) > prefix  # extra padding vs a recomputed prefix
+                if over or dearer:
+                    chunks.append([])
             chunks[-1].append(p)
-            width = w
-        return [self._regroup(c) for c in chunks]
+            width = suffix
+        return [self._regroup(c) if len(c) > 1 else _Unit(c, 0, max(1, c[0].item.num_tokens)) for c in chunks]
 
     def _prefix_of(self, members: list[_Pending]) -> int:
         if self._shared_prefix is None or len(members) < 2:
