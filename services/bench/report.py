@@ -61,7 +61,9 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [
             "",
             f"GRPO-shaped load: {g['prompts']} real HH prompts × G = {g['group_size']} responses, "
-            f"one prompt per request, {g['clients']} clients.",
+            f"one prompt per request, {g['clients']} clients; items ≤ {g.get('max_tokens', '?')} tokens, "
+            f"prompts ≥ {g.get('min_prompt_tokens', 0)} tokens (mean prompt {g.get('prompt_tokens_mean', 0):.0f}, "
+            f"mean item {g.get('item_tokens_mean', 0):.0f} tokens).",
             "",
             "| transport | prefix sharing samples/s | --no-prefix-sharing samples/s | speedup | errors |",
             "|---|---:|---:|---:|---:|",

@@ -122,6 +122,18 @@ def register(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--grpo-prompts", type=int, help=f"Prompts of the GRPO load. [{DEFAULTS['grpo_prompts']}]")
     p.add_argument("--grpo-clients", type=int, default=8, help="Concurrent clients of the GRPO load. [8]")
+    p.add_argument(
+        "--grpo-max-tokens",
+        type=int,
+        default=None,
+        help="Token cap of each GRPO item (prompt + response). [--max-tokens]",
+    )
+    p.add_argument(
+        "--grpo-min-prompt-tokens",
+        type=int,
+        default=0,
+        help="Use only HH prompts whose rendered prompt (after fitting the cap) has at least this many tokens. [0]",
+    )
     p.add_argument("--seed", type=int, default=0, help="Text sample seed. [0]")
     p.add_argument("--timeout", type=float, default=600.0, help="Seconds for a server start or one request. [600]")
     p.add_argument(
@@ -208,6 +220,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
         grpo=args.grpo,
         grpo_prompts=get("grpo_prompts"),
         grpo_clients=args.grpo_clients,
+        grpo_max_tokens=args.grpo_max_tokens,
+        grpo_min_prompt_tokens=args.grpo_min_prompt_tokens,
         seed=args.seed,
         timeout=args.timeout,
         command=command.strip(),

@@ -61,6 +61,8 @@ class BenchConfig:
     grpo: int = 0
     grpo_prompts: int = 16
     grpo_clients: int = 8
+    grpo_max_tokens: int | None = None  # default: max_tokens
+    grpo_min_prompt_tokens: int = 0
     seed: int = 0
     timeout: float = 600.0
     command: str = ""
@@ -155,7 +157,8 @@ class Bench:
                 tok,
                 num_groups=cfg.grpo_prompts,
                 group_size=cfg.grpo,
-                max_tokens=cfg.max_tokens,
+                max_tokens=cfg.grpo_max_tokens or cfg.max_tokens,
+                min_prompt_tokens=cfg.grpo_min_prompt_tokens,
                 data_dir=cfg.data_dir,
                 seed=cfg.seed,
             )
@@ -414,10 +417,18 @@ class Bench:
                 "group_size": cfg.grpo,
                 "prompts": len(self.groups),
                 "clients": cfg.grpo_clients,
+                "max_tokens": cfg.grpo_max_tokens or cfg.max_tokens,
+                "min_prompt_tokens": cfg.grpo_min_prompt_tokens,
+                "prompt_tokens_mean": _mean([g.prompt_tokens for g in self.groups]),
+                "item_tokens_mean": _mean([t for g in self.groups for t in g.item_tokens]),
                 "summary": grpo_summary,
                 "runs": self.grpo_runs,
             }
         return out
+
+
+def _mean(xs: list[int]) -> float:
+    return float(sum(xs) / len(xs)) if xs else 0.0
 
 
 def _summarise(runs: list[dict[str, Any]], limit_by_round: dict[int, dict[str, Any]], **key: str) -> dict[str, Any]:

@@ -47,6 +47,8 @@ class GrpoGroup:
 
     prompt: tuple[tuple[str, str], ...]  # (role, content)
     responses: tuple[str, ...]
+    prompt_tokens: int = 0  # the items' common token prefix (what prefix sharing can skip)
+    item_tokens: tuple[int, ...] = ()
 
     def wire(self) -> list[dict[str, Any]]:
         messages = [{"role": r, "content": c} for r, c in self.prompt]
@@ -174,6 +176,7 @@ def load_grpo_groups(
     max_tokens: int,
     data_dir: Path = DEFAULT_DATA_DIR,
     seed: int = 0,
+    min_prompt_tokens: int = 0,
 ) -> list[GrpoGroup]:
     """Real HH prompts, each with ``group_size`` responses: its chosen and rejected turns, then
     responses of other dialogues (a seeded draw). Prompts lose whole turns from the left until
@@ -192,11 +195,27 @@ def load_grpo_groups(
         while len(responses) < group_size:
             responses.append(pool[rng.randrange(len(pool))])
         fitted = _fit_prompt(tokenizer, prompt, responses, max_tokens)
-        if fitted is not None:
-            groups.append(GrpoGroup(fitted, tuple(responses)))
+        if fitted is None:
+            continue
+        head = [{"role": r, "content": c} for r, c in fitted]
+        ids = [_ids(tokenizer, render(tokenizer, [*head, {"role": "assistant", "content": r}])) for r in responses]
+        shared = _common_prefix(ids)
+        if shared >= min_prompt_tokens:
+            groups.append(GrpoGroup(fitted, tuple(responses), shared, tuple(len(x) for x in ids)))
         if len(groups) == num_groups:
             return groups
-    raise TextsError(f"only {len(groups)} HH prompts fit {max_tokens} tokens with {group_size} responses")
+    raise TextsError(
+        f"only {len(groups)} HH prompts fit {max_tokens} tokens with {group_size} responses"
+        + (f" and a prompt of at least {min_prompt_tokens} tokens" if min_prompt_tokens else "")
+    )
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return i
+    return n
 
 
 def _fit_prompt(
