@@ -12,10 +12,13 @@ import torch
 from services.bench.judge_command import criteria
 from services.bench.judge_local import JudgePair, parse_letter, run_local
 from services.bench.judge_provider import ProviderProcess, run_provider, summarise
-from services.bench.judge_report import README_END, README_START, ReadmeBlockError, markdown, replace_readme_block
+from services.bench.judge_report import markdown
+from services.bench.readme import ReadmeBlockError, markers, replace_block
 from services.cli import main
 from services.reward.engine.items import ChatMessage
 from tests.tiny_causal import make_tiny_causal_llama
+
+README_START, README_END = markers("judge")
 
 PAIRS = [
     JudgePair((ChatMessage("user", "How do I bake bread?"),), "Mix flour, water, salt and yeast.", "No.", "p0"),
@@ -131,17 +134,17 @@ def test_readme_block_is_replaced(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text(f"# T\n\nbefore\n{README_START}\nold table\n{README_END}\nafter\n", encoding="utf-8")
     table = markdown(_result())
-    replace_readme_block(readme, table)
+    replace_block(readme, "judge", table)
     text = readme.read_text(encoding="utf-8")
     assert "old table" not in text
     assert text.startswith("# T\n\nbefore\n" + README_START + "\n")
     assert text.endswith(README_END + "\nafter\n")
     assert "6.0×" in text and "rlhf-feedback bench judge --local" in text and "2020-01-01" in text
-    replace_readme_block(readme, table)  # idempotent
+    replace_block(readme, "judge", table)  # idempotent
     assert readme.read_text(encoding="utf-8") == text
     readme.write_text("no markers\n", encoding="utf-8")
     with pytest.raises(ReadmeBlockError):
-        replace_readme_block(readme, table)
+        replace_block(readme, "judge", table)
 
 
 def test_criteria_follow_the_issue_thresholds() -> None:

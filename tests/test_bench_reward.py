@@ -16,6 +16,7 @@ from services.bench import report
 from services.bench.inprocess import budget_batches
 from services.bench.loadgen import Load, chunks, percentile
 from services.bench.models import load_tokenizer
+from services.bench.readme import markers
 from services.bench.runner import Bench, BenchConfig, padding_share
 from services.bench.texts import TextsError, load_grpo_groups, load_texts, truncate_left
 from services.cli import main as cli_main
@@ -135,7 +136,8 @@ def test_report_files_and_readme_block(bench_results: dict[str, Any], tmp_path: 
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\nbefore\n{report.README_START}\nold table\n{report.README_END}\nafter\n")
+    start, end = markers("reward")
+    readme.write_text(f"# x\n\nbefore\n{start}\nold table\n{end}\nafter\n")
     report.update_readme(readme, bench_results)
     text = readme.read_text()
     assert "old table" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
@@ -144,7 +146,7 @@ def test_report_files_and_readme_block(bench_results: dict[str, Any], tmp_path: 
     report.update_readme(readme, bench_results)  # idempotent: one block, replaced again
     assert readme.read_text() == text
 
-    start, end = report.markers("reward-tiny")  # a second block beside the first stays apart
+    start, end = markers("reward-tiny")  # a second block beside the first stays apart
     readme.write_text(text + f"{start}\nold tiny\n{end}\n")
     report.update_readme(readme, bench_results, "reward-tiny")
     both = readme.read_text()

@@ -171,14 +171,8 @@ def command_line(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     from services.bench.judge_local import BenchInputError, load_hh_pairs, run_local
     from services.bench.judge_provider import run_provider
-    from services.bench.judge_report import (
-        ReadmeBlockError,
-        check_readme_block,
-        machine,
-        markdown,
-        plot,
-        replace_readme_block,
-    )
+    from services.bench.judge_report import markdown, plot
+    from services.bench.readme import ReadmeBlockError, check_block, machine, replace_block
 
     if not args.local and not args.provider:
         args.local = args.provider = True
@@ -187,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         return _usage_error(problem)
     if args.update_readme is not None:
         try:  # a README without the markers is a usage error: find out before the long run
-            check_readme_block(Path(args.update_readme))
+            check_block(Path(args.update_readme), "judge")
         except ReadmeBlockError as exc:
             return _usage_error(str(exc))
 
@@ -226,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     if args.update_readme is not None:
         try:
-            replace_readme_block(Path(args.update_readme), table)
+            replace_block(Path(args.update_readme), "judge", table)
         except ReadmeBlockError as exc:
             return _usage_error(str(exc))
         say(f"updated {args.update_readme}")

@@ -129,37 +129,12 @@ def order_queries(engine: JudgeEngine, pair: JudgePair) -> tuple[VerdictQuery, V
     return out[0], out[1]
 
 
-def _eos_ids(backend: LocalBackend) -> list[int]:
-    tok, config = backend.tokenizer, backend.model.config
-    candidates: list[Any] = [tok.eos_token_id, config.eos_token_id]
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    if end is not None and end != tok.unk_token_id:
-        candidates.append(end)
-    flat = [e for c in candidates for e in (c if isinstance(c, list | tuple) else [c])]
-    return sorted({int(e) for e in flat if isinstance(e, int)})
-
-
 def generate_letter(backend: LocalBackend, query: VerdictQuery, *, max_new_tokens: int = MAX_NEW_TOKENS) -> str:
-    """The baseline's reply text for one order: greedy HF ``generate`` on the judge's rendering."""
-    import torch
-
+    """The baseline's reply text for one order: greedy HF ``generate`` on the judge's rendering
+    (the local judge's own generate path, stopping at the end of the assistant turn)."""
     ids = backend.encode(query).input_ids  # the very tokens the protocol's forward reads
-    eos = _eos_ids(backend)
-    pad = backend.tokenizer.pad_token_id
-    with torch.inference_mode():
-        inputs = torch.tensor([list(ids)], dtype=torch.long, device=backend.device)
-        out = backend.model.generate(
-            input_ids=inputs,
-            attention_mask=torch.ones_like(inputs),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            eos_token_id=eos or None,
-            pad_token_id=pad if pad is not None else (eos[0] if eos else 0),
-        )
-    return str(backend.tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True))
+    new = backend.generate_ids(ids, max_new_tokens)
+    return str(backend.tokenizer.decode(new, skip_special_tokens=True))
 
 
 def _winner(p_first: float, tie_margin: float) -> int | None:

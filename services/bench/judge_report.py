@@ -1,49 +1,9 @@
-"""``bench judge`` output: the machine, a Markdown table, a PNG, and the README block."""
+"""``bench judge`` output: a Markdown table and a PNG (the machine and README block: services.bench.readme)."""
 
 from __future__ import annotations
 
-import os
-import platform
-import re
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-README_START = "<!-- bench:judge:start -->"
-README_END = "<!-- bench:judge:end -->"
-
-
-class ReadmeBlockError(ValueError):
-    """The README has no (or a malformed) ``bench:judge`` block to replace."""
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, cores, torch version, GPU (if any) and the date: what a number was measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-    }
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        info["torch"] = None
-    return info
 
 
 def _f(x: float | None, digits: int = 2) -> str:
@@ -103,29 +63,6 @@ def markdown(result: dict[str, Any]) -> str:
         f"Python {m['python']}, {m['date']}.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def replace_readme_block(readme: Path, text: str) -> None:
-    """Replace what lies between the ``bench:judge`` markers in ``readme`` with ``text``."""
-    content = check_readme_block(readme)
-    pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.S)
-    block = f"{README_START}\n{text.rstrip()}\n{README_END}"
-    readme.write_text(pattern.sub(lambda _m: block, content, count=1), encoding="utf-8")
-
-
-def check_readme_block(readme: Path) -> str:
-    """The README's text; raises ReadmeBlockError unless it has exactly one start/end marker pair."""
-    try:
-        content = readme.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ReadmeBlockError(f"cannot read {readme}: {exc.strerror or exc}") from None
-    start, end = content.count(README_START), content.count(README_END)
-    if start != 1 or end != 1 or content.index(README_START) > content.index(README_END):
-        raise ReadmeBlockError(
-            f"{readme} needs exactly one '{README_START}' followed by one '{README_END}' line "
-            f"(found {start} and {end}); add them where the judge results belong"
-        )
-    return content
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:

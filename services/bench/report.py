@@ -6,13 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-README_START = "<!-- bench:reward:start -->"
-README_END = "<!-- bench:reward:end -->"
-
-
-def markers(block: str = "reward") -> tuple[str, str]:
-    """The start and end comments of a README block (``reward``; e.g. ``reward-tiny`` for a second one)."""
-    return f"<!-- bench:{block}:start -->", f"<!-- bench:{block}:end -->"
+from services.bench.readme import replace_block
 
 
 def _f(x: float | None, digits: int = 2) -> str:
@@ -91,19 +85,14 @@ def machine_line(res: dict[str, Any]) -> str:
     return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, {m['platform']}, {m['date']}"
 
 
-def readme_block(res: dict[str, Any], block: str = "reward") -> str:
-    start, end = markers(block)
-    return f"{start}\n{markdown(res)}\nReproduce: `{res['command']}`\n\nMachine: {machine_line(res)}.\n{end}"
+def readme_block(res: dict[str, Any]) -> str:
+    """The README block's body: the tables, the command that reproduces them, the machine."""
+    return f"{markdown(res)}\nReproduce: `{res['command']}`\n\nMachine: {machine_line(res)}."
 
 
 def update_readme(path: Path, res: dict[str, Any], block: str = "reward") -> None:
-    """Replace the text between the bench markers (both must be present, start before end)."""
-    text = path.read_text(encoding="utf-8")
-    first, last = markers(block)
-    start, end = text.find(first), text.find(last)
-    if start < 0 or end < start:
-        raise ValueError(f"{path} has no {first} ... {last} block")
-    path.write_text(text[:start] + readme_block(res, block) + text[end + len(last) :], encoding="utf-8")
+    """Replace the ``block`` between its bench markers (exactly one pair, start before end)."""
+    replace_block(path, block, readme_block(res))
 
 
 def chart(res: dict[str, Any], path: Path) -> None:

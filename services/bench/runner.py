@@ -11,9 +11,6 @@ shared machine drifts between rounds.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import os
-import platform
 import re
 import signal
 import statistics
@@ -27,6 +24,7 @@ from typing import Any
 from services.bench.inprocess import LimitWorker
 from services.bench.loadgen import Load, RunResult, chunks, run_load
 from services.bench.models import load_tokenizer, model_max_tokens, reference_scores, subprocess_env
+from services.bench.readme import machine
 from services.bench.texts import BenchText, GrpoGroup, load_grpo_groups, load_texts
 from services.common.process import ServerProcess, free_port
 
@@ -80,28 +78,6 @@ class _ModuleServer(ServerProcess):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, *argv, *ports], stdout=self._log, stderr=subprocess.STDOUT, env=env
         )
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(terse=True),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
 
 
 _METRIC = re.compile(r"^(rlhf_reward_(?:padded|real)_tokens_total) ([0-9.e+]+)$", re.M)

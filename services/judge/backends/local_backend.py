@@ -232,7 +232,8 @@ class LocalBackend:
             out[row, : len(readout)] = logprobs[row, readout]
         return out
 
-    def _generate(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    def generate_ids(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        """Greedy ``generate`` after ``ids`` up to the end of the assistant turn (end tokens dropped)."""
         import torch
 
         # Stop at the end of the assistant turn: the tokenizer's and the config's eos, and
@@ -298,7 +299,7 @@ class LocalBackend:
             await self.start()
             loop = asyncio.get_running_loop()
             new_ids = await loop.run_in_executor(
-                self._executor, self._generate, prompt_ids, max(1, min(query.max_tokens, budget))
+                self._executor, self.generate_ids, prompt_ids, max(1, min(query.max_tokens, budget))
             )
             rationale = str(self.tokenizer.decode(new_ids, skip_special_tokens=True))
             item = EncodedItem(
