@@ -19,7 +19,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from services.reward.backends.torch_backend import TorchRewardBackend, common_prefix_len, pad_rows
+from services.reward.backends.layout import pad_rows
+from services.reward.backends.torch_backend import TorchRewardBackend, common_prefix_len
 from services.reward.engine.batcher import Batcher, BatcherConfig
 from services.reward.engine.items import ChatMessage, EncodedItem, RewardInput
 from services.reward.engine.service import EngineConfig, RewardEngine

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from services.reward.backends.layout import pad_rows, read_position
 from services.reward.backends.rendering import Renderer, model_max_length
 from services.reward.engine.items import EncodedItem, ModelInfo, RewardInput
 
@@ -78,20 +79,6 @@ class ExportManifest:
             )
         data["inputs"] = tuple(data["inputs"])
         return ExportManifest(**data)
-
-
-def read_position(ids: Sequence[int], pad_token_id: int | None) -> int:
-    """The position transformers' last-token pooling reads for this unpadded sequence.
-
-    The same rule as ``TorchRewardBackend.read_position``: the rightmost token that is not the
-    pad token, the last token when the model has no pad token, 0 when every token is a pad.
-    """
-    if pad_token_id is None:
-        return len(ids) - 1
-    for pos in range(len(ids) - 1, -1, -1):
-        if ids[pos] != pad_token_id:
-            return pos
-    return 0
 
 
 def execution_providers(device: str) -> tuple[list[Any], str]:
@@ -187,17 +174,7 @@ class OnnxRewardBackend:
 
     def feeds(self, batch: Sequence[EncodedItem]) -> dict[str, np.ndarray]:
         """The session inputs for one batch: right padding, per-item read positions."""
-        width = max(it.num_tokens for it in batch)
-        n = len(batch)
-        ids = np.full((n, width), self._pad_with, dtype=np.int64)
-        mask = np.zeros((n, width), dtype=np.int64)
-        tt = np.zeros((n, width), dtype=np.int64)
-        for row, it in enumerate(batch):
-            k = it.num_tokens
-            ids[row, :k] = it.input_ids
-            mask[row, :k] = 1
-            if it.token_type_ids:
-                tt[row, :k] = it.token_type_ids
+        ids, mask, _ = pad_rows([it.input_ids for it in batch], self._pad_with, left=False)
         feeds = {"input_ids": ids, "attention_mask": mask}
         if self.is_decoder:
             feeds["position_ids"] = np.maximum(mask.cumsum(-1) - 1, 0)
@@ -205,6 +182,7 @@ class OnnxRewardBackend:
                 [read_position(it.input_ids, self.pad_token_id) for it in batch], dtype=np.int64
             )
         elif "token_type_ids" in self.input_names:
+            tt, _, _ = pad_rows([it.token_type_ids or (0,) * it.num_tokens for it in batch], 0, left=False)
             feeds["token_type_ids"] = tt
         return feeds
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import itertools
 import json
 import logging
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from services.reward.backends.layout import pad_rows, read_position
 from services.reward.backends.rendering import Renderer, model_max_length
 from services.reward.engine.items import EncodedItem, ModelInfo, RewardInput
 
@@ -123,12 +123,7 @@ class TorchRewardBackend:
 
     def read_position(self, ids: Sequence[int]) -> int:
         """The position transformers' pooling reads for this unpadded sequence."""
-        if self.pad_token_id is None:
-            return len(ids) - 1
-        for pos in range(len(ids) - 1, -1, -1):
-            if ids[pos] != self.pad_token_id:
-                return pos
-        return 0  # all pad: transformers' argmax over an all-zero mask gives 0
+        return read_position(ids, self.pad_token_id)
 
     @property
     def shares_prefixes(self) -> bool:
@@ -288,20 +283,6 @@ def common_prefix_len(seqs: Sequence[tuple[int, ...]]) -> int:
         else:
             hi = mid - 1
     return lo
-
-
-def pad_rows(seqs: Sequence[Sequence[int]], pad: int, *, left: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(ids, mask, starts)``: rows padded to the longest with ``pad``, built in bulk (no per-row tensors)."""
-    n = len(seqs)
-    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=n)
-    width = int(lengths.max()) if n else 0
-    starts = width - lengths if left else np.zeros(n, dtype=np.int64)
-    cols = np.arange(width)
-    keep = (cols >= starts[:, None]) & (cols < (starts + lengths)[:, None])
-    ids = np.full((n, width), pad, dtype=np.int64)
-    # Row-major boolean assignment fills each row's kept span in order: the concatenation fits.
-    ids[keep] = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
-    return ids, keep.astype(np.int64), starts
 
 
 def _cache_can_share(backbone: Any, config: Any) -> bool:
