@@ -488,17 +488,9 @@ def _train_frozen(
 
 
 def _pair_scores(backend: Any, batch: Sequence[EncodedItem]) -> Any:
-    """Scores with gradients, through the served pooling (decoders) or the whole model (encoders)."""
-    import torch
-
-    if backend.is_decoder:
-        # The backend's own pooling: same padding, positions and read position as serving.
-        return backend.model.score(backend._pooled_hidden(batch))[:, 0]
-    ids, mask, tt, _ = backend._pad(batch)
-    kwargs: dict[str, torch.Tensor] = {"input_ids": ids.to(backend.device), "attention_mask": mask.to(backend.device)}
-    if tt is not None:
-        kwargs["token_type_ids"] = tt.to(backend.device)
-    return backend.model(**kwargs).logits[:, 0]
+    """Scores with gradients, through the backend's served path (same padding, positions and
+    read position as serving)."""
+    return backend.logits(batch)[:, 0]
 
 
 def _train_full(

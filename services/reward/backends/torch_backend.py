@@ -253,17 +253,21 @@ class TorchRewardBackend:
         rows = torch.arange(len(batch), device=dev)
         return hidden[rows, torch.from_numpy(reads - plen).to(dev)]
 
+    def logits(self, batch: Sequence[EncodedItem]) -> torch.Tensor:
+        """Raw head outputs ``[n, num_labels]`` as a tensor, under whatever autograd mode the caller
+        runs (``train rm`` fine-tunes through this very path, so training and serving agree)."""
+        if self.is_decoder:
+            return self.model.score(self._pooled_hidden(batch))
+        ids, mask, tt, _ = self._pad(batch)
+        kwargs: dict[str, Any] = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        if tt is not None:
+            kwargs["token_type_ids"] = tt.to(self.device)
+        logits: torch.Tensor = self.model(**kwargs).logits
+        return logits
+
     @torch.inference_mode()
     def forward(self, batch: Sequence[EncodedItem]) -> np.ndarray:
-        if self.is_decoder:
-            logits = self.model.score(self._pooled_hidden(batch))
-        else:
-            ids, mask, tt, _ = self._pad(batch)
-            kwargs: dict[str, Any] = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
-            if tt is not None:
-                kwargs["token_type_ids"] = tt.to(self.device)
-            logits = self.model(**kwargs).logits
-        return logits.float().cpu().numpy().reshape(len(batch), -1)
+        return self.logits(batch).float().cpu().numpy().reshape(len(batch), -1)
 
 
 def common_prefix_len(seqs: Sequence[tuple[int, ...]]) -> int:
