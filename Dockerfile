@@ -50,7 +50,7 @@ RUN pip install --no-cache-dir -c constraints.txt ".[onnx,judge]" \
 # The embedded default models, built once here (from the installed package, not /src).
 WORKDIR /
 RUN rm -rf /src \
- && python -c "from services.reward.default_model import backbone_dir, default_model_dir; print(backbone_dir()); print(default_model_dir())" \
+ && python -c "from services.runtime.default_model import backbone_dir, default_model_dir; print(backbone_dir()); print(default_model_dir())" \
  && rm -f "$RLHF_FEEDBACK_CACHE"/.*.lock \
  && chmod -R g=u "$RLHF_FEEDBACK_CACHE"
 
@@ -86,7 +86,7 @@ RUN pip install --no-cache-dir -c constraints.txt ".[onnx-gpu,judge]" \
  && pip show -q onnxruntime-gpu
 WORKDIR /
 RUN rm -rf /src \
- && python -c "from services.reward.default_model import backbone_dir, default_model_dir; print(backbone_dir()); print(default_model_dir())" \
+ && python -c "from services.runtime.default_model import backbone_dir, default_model_dir; print(backbone_dir()); print(default_model_dir())" \
  && rm -f "$RLHF_FEEDBACK_CACHE"/.*.lock \
  && chmod -R g=u "$RLHF_FEEDBACK_CACHE"
 

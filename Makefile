@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check services clients rlhf_train tests scripts
+	$(VENV)/bin/ruff format --check services clients rlhf_train benchmarks rlhf_feedback tests scripts
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

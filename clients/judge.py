@@ -35,9 +35,9 @@ from clients.errors import (
     ServerError,
 )
 from clients.types import Grade, ItemError, JudgeRef, Judgment, Prompt, Ranking, Usage, _prompt_wire
+from protos.rlhf.v1 import common_pb2 as cpb
 from protos.rlhf.v1 import judge_pb2 as jpb
 from protos.rlhf.v1 import judge_pb2_grpc as jpb_grpc
-from protos.rlhf.v1 import reward_pb2 as rpb
 
 JudgeProtocol = Literal["both_orders", "single"]
 CompareItem = Mapping[str, Any] | Sequence[Any]
@@ -176,7 +176,7 @@ def _set_prompt(request: Any, prompt: str | list[dict[str, str]]) -> None:
         request.prompt_text = prompt
     else:
         request.prompt_messages.CopyFrom(
-            rpb.Conversation(messages=[rpb.Message(role=m["role"], content=m["content"]) for m in prompt])
+            cpb.Conversation(messages=[cpb.Message(role=m["role"], content=m["content"]) for m in prompt])
         )
 
 

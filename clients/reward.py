@@ -59,6 +59,7 @@ from clients.types import (
     _prompt_wire,
     item_to_wire,
 )
+from protos.rlhf.v1 import common_pb2 as cpb
 from protos.rlhf.v1 import reward_pb2 as pb
 from protos.rlhf.v1 import reward_pb2_grpc as pb_grpc
 
@@ -82,8 +83,8 @@ def _model_from_pb(m: pb.ModelRef) -> ModelRef:
     return ModelRef(m.id, m.revision, n)
 
 
-def _conversation_pb(messages: Sequence[Any]) -> pb.Conversation:
-    return pb.Conversation(messages=[pb.Message(role=m["role"], content=m["content"]) for m in messages])
+def _conversation_pb(messages: Sequence[Any]) -> cpb.Conversation:
+    return cpb.Conversation(messages=[cpb.Message(role=m["role"], content=m["content"]) for m in messages])
 
 
 def _input_pb(w: dict[str, Any]) -> pb.RewardInput:

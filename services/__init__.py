@@ -1,4 +1,5 @@
-"""rlhf-feedback services: the reward service (and the shared pieces under ``common``)."""
+"""rlhf-feedback services: the reward service, the judge service, the model runtime under both and the
+shared pieces under ``common``. Only what a running service imports lives here."""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -44,12 +44,13 @@ from clients import (
 from protos.rlhf.v1 import reward_pb2 as pb
 from protos.rlhf.v1 import reward_pb2_grpc as pb_grpc
 from services.common.serving import uvicorn_server
-from services.reward.backends.fake import FakeBackend, fake_score
-from services.reward.engine.items import ChatMessage, EncodedItem, RewardInput
 from services.reward.engine.service import RewardEngine
 from services.reward.settings import RewardSettings
 from services.reward.transports.grpc import create_grpc_server
 from services.reward.transports.http import create_http_app
+from services.runtime.backends.fake import FakeBackend, fake_score
+from services.runtime.chat import ChatMessage
+from services.runtime.items import EncodedItem, RewardInput
 
 T = TypeVar("T")
 BOOM = "boom"  # a text the main server's model fails on (its batch gets per-item INTERNAL errors)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from services.common.errors import ErrorCode, ServiceError
-from services.reward.engine.batcher import Batcher, BatcherConfig
-from services.reward.engine.items import EncodedItem, Priority
+from services.runtime.batcher import Batcher, BatcherConfig
+from services.runtime.items import EncodedItem, Priority
 
 
 def item(n: int, tag: int = 0) -> EncodedItem:

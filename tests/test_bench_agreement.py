@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from services.bench import agreement
-from services.cli import main
-from services.reward.engine.items import EncodedItem
+from benchmarks import agreement
+from rlhf_feedback.cli import main
+from services.runtime.items import EncodedItem
 from tests.tiny_models import CORPUS
 
 pytestmark = pytest.mark.timeout(120)

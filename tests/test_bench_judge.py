@@ -9,13 +9,13 @@ import httpx
 import pytest
 import torch
 
-from services.bench.judge_command import criteria
-from services.bench.judge_local import JudgePair, parse_letter, run_local
-from services.bench.judge_provider import ProviderProcess, run_provider, summarise
-from services.bench.judge_report import markdown
-from services.bench.readme import ReadmeBlockError, markers, replace_block
-from services.cli import main
-from services.reward.engine.items import ChatMessage
+from benchmarks.judge_command import criteria
+from benchmarks.judge_local import JudgePair, parse_letter, run_local
+from benchmarks.judge_provider import ProviderProcess, run_provider, summarise
+from benchmarks.judge_report import markdown
+from benchmarks.readme import ReadmeBlockError, markers, replace_block
+from rlhf_feedback.cli import main
+from services.runtime.chat import ChatMessage
 from tests.tiny_causal import make_tiny_causal_llama
 
 README_START, README_END = markers("judge")

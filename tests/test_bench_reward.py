@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 
-from services.bench import report
-from services.bench.inprocess import budget_batches
-from services.bench.loadgen import Load, chunks, percentile
-from services.bench.models import load_tokenizer
-from services.bench.readme import markers
-from services.bench.runner import Bench, BenchConfig, padding_share
-from services.bench.texts import TextsError, load_grpo_groups, load_texts, truncate_left
-from services.cli import main as cli_main
-from services.reward.engine.items import EncodedItem
+from benchmarks import report
+from benchmarks.inprocess import budget_batches
+from benchmarks.loadgen import Load, chunks, percentile
+from benchmarks.models import load_tokenizer
+from benchmarks.readme import markers
+from benchmarks.runner import Bench, BenchConfig, padding_share
+from benchmarks.texts import TextsError, load_grpo_groups, load_texts, truncate_left
+from rlhf_feedback.cli import main as cli_main
+from services.runtime.items import EncodedItem
 from tests.tiny_models import CORPUS
 
 HH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf"

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from rlhf_train.reward_head import Malformed, parse_pair, split_of
-from services.reward import default_model
-from services.reward.engine.items import ChatMessage, RewardInput
+from services.runtime import default_model
+from services.runtime.chat import ChatMessage
+from services.runtime.items import RewardInput
 
 HH_CHOSEN = (
     "\n\nHuman: How do I boil an egg?\n\nAssistant: Put the egg in a pot of cold water, bring it to a boil,"
@@ -79,7 +80,7 @@ def test_default_model_loads_and_scores() -> None:
     from safetensors.numpy import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from services.reward.backends.torch_backend import TorchRewardBackend
+    from services.runtime.backends.torch_backend import TorchRewardBackend
 
     model_dir = default_model.default_model_dir()
     assert default_model.model_id_of(model_dir) == default_model.MODEL_ID

@@ -19,6 +19,7 @@ import grpc
 import httpx
 import pytest
 
+from protos.rlhf.v1 import common_pb2 as cpb
 from protos.rlhf.v1 import judge_pb2 as judge_pb
 from protos.rlhf.v1 import judge_pb2_grpc as judge_pb_grpc
 from protos.rlhf.v1 import reward_pb2 as pb
@@ -28,11 +29,11 @@ from services.judge.backends.scripted import Failures, ScriptedBackend
 from services.judge.engine.service import JudgeEngine
 from services.judge.transports.grpc import create_grpc_server as create_judge_grpc_server
 from services.judge.transports.http import create_http_app as create_judge_http_app
-from services.reward.backends.fake import FakeBackend
 from services.reward.engine.service import RewardEngine
 from services.reward.settings import RewardSettings
 from services.reward.transports.grpc import create_grpc_server
 from services.reward.transports.http import create_http_app
+from services.runtime.backends.fake import FakeBackend
 from tests.judge_support import judge_engine, judge_settings
 
 pytestmark = pytest.mark.timeout(30)
@@ -110,7 +111,7 @@ async def test_invalid_input() -> None:
         req = pb.ScoreRequest(
             inputs=[
                 pb.RewardInput(text="ok"),
-                pb.RewardInput(messages=pb.Conversation(messages=[pb.Message(role="wizard", content="x")])),
+                pb.RewardInput(messages=cpb.Conversation(messages=[cpb.Message(role="wizard", content="x")])),
             ]
         )
         resp, err = await both_fail(b, body, req)
@@ -291,7 +292,7 @@ async def test_judge_invalid_input(method: str) -> None:
     async for b in _judge_both(ScriptedBackend()):
         path, body, request = JUDGE_ROUTES[method]
         wizard = [{"role": "wizard", "content": "x"}]
-        conv = pb.Conversation(messages=[pb.Message(role="wizard", content="x")])
+        conv = cpb.Conversation(messages=[cpb.Message(role="wizard", content="x")])
         bad_request = type(request)()
         bad_request.CopyFrom(request)
         bad_request.prompt_messages.CopyFrom(conv)

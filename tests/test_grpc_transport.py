@@ -20,14 +20,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from protos.rlhf.v1 import common_pb2 as cpb
 from protos.rlhf.v1 import reward_pb2 as pb
 from protos.rlhf.v1 import reward_pb2_grpc as pb_grpc
 from services.common.errors import INTERNAL_MESSAGE
-from services.reward.backends.fake import FakeBackend, fake_score
-from services.reward.engine.items import ChatMessage, EncodedItem, RewardInput
 from services.reward.engine.service import RewardEngine
 from services.reward.settings import RewardSettings
 from services.reward.transports.grpc import GrpcServerHandle, create_grpc_server
+from services.runtime.backends.fake import FakeBackend, fake_score
+from services.runtime.chat import ChatMessage
+from services.runtime.items import EncodedItem, RewardInput
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -117,15 +119,15 @@ def trailers(err: grpc.aio.AioRpcError) -> dict[str, str]:
 
 async def test_score_equals_fake_backend() -> None:
     async with serving() as c:
-        msgs = [pb.Message(role="user", content="Hi there"), pb.Message(role="assistant", content="Hello!")]
+        msgs = [cpb.Message(role="user", content="Hi there"), cpb.Message(role="assistant", content="Hello!")]
         request = pb.ScoreRequest(
             inputs=[
                 text("plain text"),
                 pb.RewardInput(pair=pb.PromptResponse(prompt_text="What is 2+2?", response="4")),
                 pb.RewardInput(
-                    pair=pb.PromptResponse(prompt_messages=pb.Conversation(messages=msgs[:1]), response="Hey")
+                    pair=pb.PromptResponse(prompt_messages=cpb.Conversation(messages=msgs[:1]), response="Hey")
                 ),
-                pb.RewardInput(messages=pb.Conversation(messages=msgs)),
+                pb.RewardInput(messages=cpb.Conversation(messages=msgs)),
                 text("x" * 100),  # past max_length 64: keeps the end, flagged truncated
             ],
             priority=pb.PRIORITY_BATCH,
@@ -197,7 +199,7 @@ async def test_compare() -> None:
         assert list(response.ranking) == sorted(range(3), key=lambda i: (-scores[i], i))
         assert response.model.id == "fake"
 
-        msgs = pb.Conversation(messages=[pb.Message(role="user", content="Q?")])
+        msgs = cpb.Conversation(messages=[cpb.Message(role="user", content="Q?")])
         by_messages = await c.stub.Compare(pb.CompareRequest(prompt_messages=msgs, responses=["a"]))
         assert list(by_messages.probabilities) == [1.0]
 
@@ -405,7 +407,7 @@ async def test_invalid_input_is_invalid_argument() -> None:
             (pb.ScoreRequest(), "inputs is empty"),
             (
                 pb.ScoreRequest(
-                    inputs=[text("ok"), pb.RewardInput(messages=pb.Conversation(messages=[pb.Message(role="robot")]))]
+                    inputs=[text("ok"), pb.RewardInput(messages=cpb.Conversation(messages=[cpb.Message(role="robot")]))]
                 ),
                 "item 1: unknown role 'robot'",
             ),

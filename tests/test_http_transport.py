@@ -17,12 +17,14 @@ import pytest
 import pytest_asyncio
 
 from services.common.errors import INTERNAL_MESSAGE
-from services.reward.backends.fake import FakeBackend, fake_score
-from services.reward.engine.batcher import BatcherConfig
-from services.reward.engine.items import ChatMessage, Limits, RewardInput
+from services.reward.engine.results import Limits
 from services.reward.engine.service import EngineConfig, RewardEngine
 from services.reward.settings import RewardSettings
 from services.reward.transports.http import create_http_app
+from services.runtime.backends.fake import FakeBackend, fake_score
+from services.runtime.batcher import BatcherConfig
+from services.runtime.chat import ChatMessage
+from services.runtime.items import RewardInput
 
 MAX_BODY = 2 * 2**20
 MAX_ITEMS = 8

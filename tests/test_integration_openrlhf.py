@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from clients.integrations.openrlhf import remote_url
-from services.reward.backends.torch_backend import TorchRewardBackend
 from services.reward.engine.service import RewardEngine
 from services.reward.settings import RewardSettings
 from services.reward.transports.http import create_http_app
+from services.runtime.backends.torch_backend import TorchRewardBackend
 from tests.client_cases import BOOM, BackgroundLoop, RewardServer, start_reward_server
 from tests.tiny_causal import make_tiny_causal_llama
 

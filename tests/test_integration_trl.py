@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse
 from clients import InvalidRequestError, RewardClient
 from clients.integrations import TooManyFailuresError
 from clients.integrations.trl import AsyncRemoteJudgeReward, AsyncRemoteReward, RemoteJudgeReward, RemoteReward
+from clients.process import ServerProcess
 from clients.types import ScoreResults
-from services.common.process import ServerProcess
 from tests.client_cases import BackgroundLoop, RewardServer, start_reward_server, start_uvicorn, stop_uvicorn
 
 # -- in-process servers ------------------------------------------------------------------------------

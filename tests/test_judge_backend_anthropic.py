@@ -10,7 +10,7 @@ from services.judge.backends.anthropic_backend import AnthropicBackend, verbalis
 from services.judge.backends.base import UnparseableReply, UpstreamError
 from services.judge.backends.factory import BackendConfigError, build_backend
 from services.judge.types import VerdictQuery
-from services.reward.engine.items import ChatMessage
+from services.runtime.chat import ChatMessage
 from tests.fakes import FakeAnthropic, HttpError, RateLimit, Reply, Sleep, always_better, fixed
 
 AB = ("A", "B")

@@ -13,7 +13,8 @@ import torch
 from services.judge.backends.base import UpstreamError
 from services.judge.backends.local_backend import ChoiceTokenError, LocalBackend
 from services.judge.types import VerdictQuery
-from services.reward.engine.items import ChatMessage, EncodedItem
+from services.runtime.chat import ChatMessage
+from services.runtime.items import EncodedItem
 from tests.tiny_causal import make_tiny_causal_llama
 
 

@@ -22,7 +22,7 @@ from services.judge.backends.openai_backend import (
     structured_verdict_probs,
 )
 from services.judge.types import VerdictQuery
-from services.reward.engine.items import ChatMessage
+from services.runtime.chat import ChatMessage
 from tests.fakes import (
     FakeOpenAI,
     HttpError,

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
-from services.common.process import ServerProcess
+from clients.process import ServerProcess
 from services.judge.backends.anthropic_backend import AnthropicBackend
 from services.judge.backends.base import JudgeBackend
 from services.judge.backends.factory import build_backend

@@ -25,7 +25,7 @@ from services.judge.types import (
     VerdictQuery,
     VerdictReply,
 )
-from services.reward.engine.items import ChatMessage
+from services.runtime.chat import ChatMessage
 
 GOOD, BAD = "[good] Paris is the capital of France.", "[bad] It is Lyon."
 

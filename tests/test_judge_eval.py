@@ -18,9 +18,9 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from services import cli
-from services.judge import eval_command
-from services.judge.evaluation import (
+from rlhf_feedback import cli
+from rlhf_train.eval import command as eval_command
+from rlhf_train.eval.judge_eval import (
     DatasetError,
     Example,
     Judgment,
@@ -529,7 +529,7 @@ def test_judge_eval_bad_data_exit_code(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_render_report_without_network() -> None:
     pairs = [(_ex("a", subset="s"), _ok(0.9, "a")), (_ex("b", subset="t"), _ok(0.4, "b"))]
-    from services.judge.evaluation import DEFINITIONS, build_protocol_report
+    from rlhf_train.eval.judge_eval import DEFINITIONS, build_protocol_report
 
     report: dict[str, Any] = {
         "data": {"name": "d", "format": "llmbar", "n": 2, "skipped": {}},

@@ -14,9 +14,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from protos.rlhf.v1 import common_pb2 as cpb
 from protos.rlhf.v1 import judge_pb2 as pb
 from protos.rlhf.v1 import judge_pb2_grpc as pb_grpc
-from protos.rlhf.v1 import reward_pb2
 from services.common.grpc_support import GrpcServerHandle
 from services.judge.backends.scripted import Failures, ScriptedBackend
 from services.judge.engine.service import JudgeEngine
@@ -89,7 +89,7 @@ async def test_compare_shape_and_verdict() -> None:
 
 async def test_compare_with_messages_prompt_and_single_protocol() -> None:
     async with serving() as c:
-        conv = reward_pb2.Conversation(messages=[reward_pb2.Message(role="user", content="Capital?")])
+        conv = cpb.Conversation(messages=[cpb.Message(role="user", content="Capital?")])
         req = pb.JudgeCompareRequest(prompt_messages=conv, responses=[GOOD, BAD], protocol=pb.PROTOCOL_SINGLE)
         reply = await c.stub.Compare(req)
         assert reply.comparison.winner == 0 and reply.usage.calls == 1

@@ -15,9 +15,9 @@ import orjson
 import pytest
 import pytest_asyncio
 
+from clients.process import ServerProcess
 from protos.rlhf.v1 import judge_pb2 as judge_pb
 from protos.rlhf.v1 import judge_pb2_grpc as judge_pb_grpc
-from services.common.process import ServerProcess
 from services.judge.backends.scripted import Failures, ScriptedBackend
 from services.judge.engine.service import JudgeEngine
 from services.judge.transports.http import create_http_app

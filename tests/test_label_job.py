@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
+from clients.process import ServerProcess
+from rlhf_feedback.cli import main
 from rlhf_train.jobs.io import InputError, Journal, journal_path
-from services.cli import main
-from services.common.process import ServerProcess
 from tests.fakes import Call, FakeOpenAI, HttpError, PolicyInput, Sleep
 
 TRL_COLUMNS = {"id", "prompt", "chosen", "rejected", "preference", "margin", "consistent", "judge"}
@@ -352,7 +352,7 @@ def kill_rows() -> list[dict[str, Any]]:
 
 def label_process(url: str, inp: Path, out: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "label", "--judge", url, "--input", str(inp), "--output", str(out),
+        [sys.executable, "-m", "rlhf_feedback", "label", "--judge", url, "--input", str(inp), "--output", str(out),
          "--concurrency", "2"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -38,7 +38,7 @@ import httpx
 import pytest
 
 from clients import RewardClient
-from services.common.process import ServerProcess, free_port
+from clients.process import ServerProcess, free_port
 from tests.test_replica_restart import reference_scores, texts
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]

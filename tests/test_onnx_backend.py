@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from services.cli import main
-from services.common.process import ServerProcess
-from services.reward.backends.onnx_backend import MANIFEST_FILE, NotAnExportError, OnnxRewardBackend
-from services.reward.engine.items import RewardInput
+from clients.process import ServerProcess
+from rlhf_feedback.cli import main
 from services.reward.engine.service import RewardEngine
-from services.reward.export_onnx import cached_export, export_onnx, load_source
 from services.reward.loading import load_backend
 from services.reward.settings import RewardSettings
 from services.reward.transports.http import create_http_app
+from services.runtime.backends.onnx_backend import MANIFEST_FILE, NotAnExportError, OnnxRewardBackend
+from services.runtime.items import RewardInput
+from services.runtime.onnx_export import cached_export, export_onnx, load_source
 from tests.test_parity import TOL, Reference, check, json_items, text_of
 
 pytestmark = pytest.mark.timeout(120)

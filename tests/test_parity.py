@@ -19,13 +19,14 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from protos.rlhf.v1 import common_pb2 as cpb
 from protos.rlhf.v1 import reward_pb2 as pb
 from protos.rlhf.v1 import reward_pb2_grpc as pb_grpc
-from services.reward.backends.torch_backend import TorchRewardBackend
 from services.reward.engine.service import RewardEngine
 from services.reward.settings import RewardSettings
 from services.reward.transports.grpc import create_grpc_server
 from services.reward.transports.http import create_http_app
+from services.runtime.backends.torch_backend import TorchRewardBackend
 from tests.tiny_models import CORPUS
 
 TOL = 1e-5
@@ -55,8 +56,8 @@ def json_items() -> list[dict[str, Any]]:
 
 
 def to_pb(item: dict[str, Any]) -> pb.RewardInput:
-    def conv(msgs: list[dict[str, str]]) -> pb.Conversation:
-        return pb.Conversation(messages=[pb.Message(role=m["role"], content=m["content"]) for m in msgs])
+    def conv(msgs: list[dict[str, str]]) -> cpb.Conversation:
+        return cpb.Conversation(messages=[cpb.Message(role=m["role"], content=m["content"]) for m in msgs])
 
     if "text" in item:
         return pb.RewardInput(text=item["text"])
@@ -195,7 +196,7 @@ async def test_truncated_items_keep_the_response_and_score_like_their_kept_ids(s
 
 
 def _input(item: dict[str, Any]) -> Any:
-    from services.reward.engine.items import RewardInput
+    from services.runtime.items import RewardInput
 
     if "text" in item:
         return RewardInput(text=item["text"])
@@ -203,7 +204,7 @@ def _input(item: dict[str, Any]) -> Any:
 
 
 async def test_left_and_right_padding_give_identical_scores(tiny_llama_dir: Path) -> None:
-    from services.reward.engine.items import RewardInput
+    from services.runtime.items import RewardInput
 
     inputs = [RewardInput(text=text_of(n)) for n in (1, 7, 30, 3)]
     right = TorchRewardBackend(tiny_llama_dir, device="cpu", padding_side="right")

@@ -19,11 +19,12 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from services.reward.backends.layout import pad_rows
-from services.reward.backends.torch_backend import TorchRewardBackend, common_prefix_len
-from services.reward.engine.batcher import Batcher, BatcherConfig
-from services.reward.engine.items import ChatMessage, EncodedItem, RewardInput
 from services.reward.engine.service import EngineConfig, RewardEngine
+from services.runtime.backends.layout import pad_rows
+from services.runtime.backends.torch_backend import TorchRewardBackend, common_prefix_len
+from services.runtime.batcher import Batcher, BatcherConfig
+from services.runtime.chat import ChatMessage
+from services.runtime.items import EncodedItem, RewardInput
 from tests.tiny_models import CORPUS, make_tiny_llama
 
 TOL = 1e-5

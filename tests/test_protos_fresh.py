@@ -42,7 +42,9 @@ def test_check_catches_new_changed_and_orphaned_protos(tmp_path: Path) -> None:
     assert run("--check", "--root", str(tmp_path)).returncode == 0
 
     reward = v1 / "reward.proto"
-    reward.write_text(reward.read_text().replace("message Message {", "message Message {\n  string extra = 99;"))
+    reward.write_text(
+        reward.read_text().replace("message ScoreRequest {", "message ScoreRequest {\n  string extra = 99;")
+    )
     result = run("--check", "--root", str(tmp_path))
     assert result.returncode == 1 and "protos/rlhf/v1/reward_pb2.py" in result.stderr
 

@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from clients import RewardClient, ScoreResults
-from services.common.process import ServerProcess
+from clients.process import ServerProcess
 from tests.tiny_models import CORPUS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]

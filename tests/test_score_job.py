@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
+from clients.process import ServerProcess
+from rlhf_feedback.cli import main
 from rlhf_train.jobs.io import journal_path
-from services.cli import main
-from services.common.process import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -134,7 +134,7 @@ def test_score_killed_then_resumed(reward: ServerProcess, tmp_path: Path) -> Non
             for i in range(n)]  # fmt: skip
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "killed.jsonl"
-    argv = [sys.executable, "-m", "services.cli", "score", "--reward", reward.http_url, "--input", str(inp),
+    argv = [sys.executable, "-m", "rlhf_feedback", "score", "--reward", reward.http_url, "--input", str(inp),
             "--output", str(out), "--batch-size", "2", "--concurrency", "1", "--quiet"]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30

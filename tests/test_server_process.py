@@ -15,9 +15,9 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients.process import ServerProcess
 from protos.rlhf.v1 import reward_pb2 as pb
 from protos.rlhf.v1 import reward_pb2_grpc as pb_grpc
-from services.common.process import ServerProcess
 from tests.tiny_models import CORPUS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]

@@ -308,7 +308,7 @@ def test_losses_by_hand() -> None:
 
 
 def test_cli_help_and_bad_input(policy_dir, prompts_file, stand_in, tmp_path, capsys):
-    from services.cli import main
+    from rlhf_feedback.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["train", "ppo", "--help"])
@@ -339,7 +339,7 @@ def test_cli_help_and_bad_input(policy_dir, prompts_file, stand_in, tmp_path, ca
 
 
 def test_cli_runs_and_resumes(policy_dir, prompts_file, stand_in, tmp_path, capsys):
-    from services.cli import main
+    from rlhf_feedback.cli import main
 
     url = stand_in().url
     args = ["train", "ppo", "--policy", str(policy_dir), "--prompts", str(prompts_file), "--reward-url", url,
@@ -416,7 +416,7 @@ def test_against_the_real_reward_service_over_http_and_grpc(
     policy_dir, prompts_file, tiny_llama_dir, tmp_path_factory, tmp_path
 ):
     """The real ``serve reward`` (the tiny Llama reward model) as the reward source, by either transport."""
-    from services.common.process import ServerProcess
+    from clients.process import ServerProcess
 
     log = tmp_path_factory.mktemp("reward") / "reward.log"
     with ServerProcess.reward(

@@ -19,15 +19,17 @@ import numpy as np
 import pytest
 import torch
 
+from rlhf_feedback.cli import main
 from rlhf_train.jobs.io import InputError
 from rlhf_train.rm.data import load_preferences, parse_preference_row
 from rlhf_train.rm.trainer import RmOptions, RmResult, train_reward_model
-from services.cli import main
-from services.reward.backends.torch_backend import TorchRewardBackend
-from services.reward.engine.items import ChatMessage, RewardInput, ScoredItem
+from services.reward.engine.results import ScoredItem
 from services.reward.engine.service import RewardEngine
 from services.reward.loading import load_backend
 from services.reward.settings import RewardSettings
+from services.runtime.backends.torch_backend import TorchRewardBackend
+from services.runtime.chat import ChatMessage
+from services.runtime.items import RewardInput
 from tests.tiny_causal import make_tiny_causal_llama
 
 GOOD = "The quick brown fox jumps."
@@ -199,7 +201,7 @@ def test_head_only_writes_a_default_head_format_file(
 ) -> None:
     from safetensors.numpy import load
 
-    from services.reward import default_model
+    from services.runtime import default_model
 
     out = tmp_path / "head"
     code = main(

@@ -25,7 +25,7 @@ class PPOConfig:
     """Everything a PPO run needs. Exactly one of ``reward_url`` / ``judge_url`` names the reward source.
 
     ``policy`` ``None`` means the embedded SmolLM2-135M-Instruct
-    (:func:`services.reward.default_model.backbone_dir`); ``ref_policy`` ``None`` means a frozen
+    (:func:`services.runtime.default_model.backbone_dir`); ``ref_policy`` ``None`` means a frozen
     copy of the starting policy. ``log`` ``None`` means ``<out>/log.jsonl``.
     """
 

@@ -168,7 +168,7 @@ def _load_causal_lm(path: Path) -> Any:
 def _start_policy(cfg: PPOConfig) -> Path:
     if cfg.policy is not None:
         return cfg.policy
-    from services.reward.default_model import backbone_dir
+    from services.runtime.default_model import backbone_dir
 
     return backbone_dir()
 

@@ -35,7 +35,8 @@ from typing import Any
 from rlhf_train.jobs.io import InputError, read_rows
 from rlhf_train.jobs.label import as_completion, as_messages
 from rlhf_train.reward_head import load_pairs, split_of
-from services.reward.engine.items import ChatMessage, RewardInput
+from services.runtime.chat import ChatMessage
+from services.runtime.items import RewardInput
 
 SPLITS = ("train", "val", "test")
 

@@ -1,7 +1,7 @@
 """Bradley-Terry reward-model training: :func:`train_reward_model` (``rlhf-feedback train rm``).
 
 Both modes see every pair through the reward service's own torch backend
-(:class:`~services.reward.backends.torch_backend.TorchRewardBackend`): its renderer turns the
+(:class:`~services.runtime.backends.torch_backend.TorchRewardBackend`): its renderer turns the
 ``RewardInput`` a client would send into tokens, and its pooling reads the hidden state at the
 position the served model reads. What is trained is therefore exactly what is served.
 
@@ -14,7 +14,7 @@ position the served model reads. What is trained is therefore exactly what is se
   in the same batch, loss ``-logsigmoid(r_chosen - r_rejected - margin)``.
 
 Outputs: a Hugging Face sequence-classification checkpoint that ``serve reward --model`` loads
-as is, or (``head_only``) the head alone in the format of ``services/reward/default_head``.
+as is, or (``head_only``) the head alone in the format of ``services/runtime/default_head``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from rlhf_train.reward_head import (
     token_batches,
 )
 from rlhf_train.rm.data import LoadedData, PrefPair, load_preferences
-from services.reward.engine.items import EncodedItem, RewardInput
+from services.runtime.items import EncodedItem, RewardInput
 
 log = logging.getLogger("rlhf_train.rm")
 
@@ -180,7 +180,7 @@ def _base_model(opts: RmOptions) -> Iterator[_Base]:
     A causal LM (or a classifier with another head) gets a temporary folder that links to its
     files with a rewritten ``config.json``; the score head is then initialised at load time.
     """
-    from services.reward import default_model
+    from services.runtime import default_model
 
     if opts.model is None:
         backbone = default_model.backbone_dir()
@@ -196,7 +196,7 @@ def _base_model(opts: RmOptions) -> Iterator[_Base]:
     if not config_path.is_file():
         raise InputError(f"--model {model}: not a Hugging Face checkpoint folder (no config.json)")
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    from services.reward.backends.torch_backend import weights_revision
+    from services.runtime.device import weights_revision
 
     cache_name = f"{_slug(model.resolve().name)}-{weights_revision(model)}"
     archs = [str(a) for a in config.get("architectures") or []]
@@ -325,7 +325,7 @@ def train_reward_model(opts: RmOptions) -> RmResult:
         data.count("test"),
         data.skipped or "none",
     )
-    from services.reward.backends.torch_backend import TorchRewardBackend
+    from services.runtime.backends.torch_backend import TorchRewardBackend
 
     with _base_model(opts) as base:
         torch.manual_seed(opts.seed)  # a fresh score head is initialised while loading
@@ -439,7 +439,7 @@ def _train_frozen(
     backend: Any, base: _Base, encoded: list[EncodedItem], split: np.ndarray, offsets: np.ndarray, opts: RmOptions
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Features once, then the BT head; returns the head, every item's score and the metrics part."""
-    from services.reward.default_model import cache_dir
+    from services.runtime.default_model import cache_dir
 
     if not backend.is_decoder:
         raise InputError(
@@ -564,7 +564,7 @@ def head_bytes(weight: np.ndarray) -> bytes:
 def _write_head(out: Path, w: np.ndarray, default_backbone: bool) -> Path:
     data = head_bytes(w)
     if default_backbone:
-        from services.reward.default_model import load_head
+        from services.runtime.default_model import load_head
 
         load_head(data)  # exactly what the service accepts as the embedded default head
     path = out / "head.safetensors"
@@ -581,7 +581,7 @@ def _write_meta(out: Path, model_id: str) -> None:
 def _write_frozen_checkpoint(out: Path, base: _Base, w: np.ndarray, model_id: str) -> Path:
     """The base model with the fitted head, in float32 whatever dtype the features used."""
     if base.default_backbone:
-        from services.reward.default_model import assemble_model_dir
+        from services.runtime.default_model import assemble_model_dir
 
         assembled = assemble_model_dir(w, model_id=model_id)
         _remove_weights(out)
@@ -641,7 +641,7 @@ def render_head_card(m: dict[str, Any]) -> str:
         "",
         "A linear Bradley-Terry head `score.weight` [1, hidden] (float32, no bias) on frozen features of",
         f"{m['base_model']}, trained by `rlhf-feedback train rm --freeze-backbone --head-only`. Assemble it",
-        "with its backbone (`services.reward.default_model.assemble_model_dir`) to serve it.",
+        "with its backbone (`services.runtime.default_model.assemble_model_dir`) to serve it.",
         "",
         "## Data",
         "",

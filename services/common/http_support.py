@@ -40,7 +40,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -49,6 +49,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.common.auth import OPEN_HTTP_PATHS, check_bearer
 from services.common.errors import INTERNAL_MESSAGE, ErrorCode, ServiceError, invalid
 from services.common.grpc_support import RequestMetrics
+from services.common.wire import ErrorBody
 
 log = logging.getLogger(__name__)
 
@@ -87,21 +88,9 @@ class ClientGone(Exception):
 # -- error bodies -------------------------------------------------------------------------------
 
 
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    item: int | None = Field(None, description="Index of the offending input item, when one caused it.")
-
-
-class ErrorBody(BaseModel):
-    """Every error response: ``{"error": {"code", "message", "item"?}}``."""
-
-    error: ErrorDetail
-
-
-def error_responses(model: type[BaseModel] = ErrorBody) -> dict[int | str, dict[str, Any]]:
+def error_responses() -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for every status an edge can answer with the error body."""
-    return {status: {"model": model} for status in (400, 401, 403, 413, 422, 429, 500, 503, 504)}
+    return {status: {"model": ErrorBody} for status in (400, 401, 403, 413, 422, 429, 500, 503, 504)}
 
 
 def error_response(err: ServiceError) -> OrjsonResponse:
@@ -336,14 +325,13 @@ def create_edge_app(
     metrics: RequestMetrics,
     route_names: Mapping[str, str],
     parser: BodyParser,
-    error_model: type[BaseModel] = ErrorBody,
 ) -> FastAPI:
     """A FastAPI app with the edge behaviour: error handlers, request ids, auth, request metrics.
 
     The caller adds its routes (and :func:`add_probe_routes`); metrics labels come from
     ``route_names`` (include :data:`PROBE_ROUTE_NAMES`).
     """
-    app = FastAPI(title=title, default_response_class=OrjsonResponse, responses=error_responses(error_model))
+    app = FastAPI(title=title, default_response_class=OrjsonResponse, responses=error_responses())
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> Response:

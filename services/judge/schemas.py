@@ -17,11 +17,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from services.common.errors import invalid
-from services.common.http_support import BodyParser, ErrorBody, Loc
+from services.common.http_support import BodyParser, Loc
 from services.common.settings import ServiceSettings
+from services.common.wire import PROMPT_TAGS, PromptWire, StrictModel
 from services.judge.engine.service import GRADE_SCALE_BOUNDS
 from services.judge.types import (
     Abstain,
@@ -35,9 +36,7 @@ from services.judge.types import (
     RankResult,
     Usage,
 )
-from services.reward.schemas import PROMPT_TAGS, Message, PromptWire
-
-__all__ = ["ErrorBody"]
+from services.runtime.chat import as_prompt
 
 W = TypeVar("W", bound=BaseModel)
 
@@ -59,15 +58,7 @@ def validate(model: type[W], data: Mapping[str, Any]) -> W:
         raise PARSER.error(exc.errors(include_url=False, include_input=False)) from None
 
 
-def _prompt_to_engine(prompt: str | list[Message]) -> JudgePrompt:
-    return prompt if isinstance(prompt, str) else tuple(m.to_engine() for m in prompt)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-
-class _JudgeRequest(_Strict):
+class _JudgeRequest(StrictModel):
     prompt: PromptWire = Field(description="A string, or chat messages [{role, content}, ...].")
     rubric: str | None = Field(None, description="What 'better' means, if not the default instructions.")
     reference: str | None = Field(None, description="A reference answer to judge against.")
@@ -76,7 +67,7 @@ class _JudgeRequest(_Strict):
     )
 
     def engine_prompt(self) -> JudgePrompt:
-        return _prompt_to_engine(self.prompt)
+        return as_prompt(self.prompt)
 
 
 class CompareRequest(_JudgeRequest):

@@ -22,8 +22,8 @@ CACHE_FILE = "judge-cache.sqlite"
 
 
 def default_cache_path() -> Path:
-    """``<user cache dir>/judge-cache.sqlite`` (the cache dir of :func:`services.reward.default_model.cache_dir`)."""
-    from services.reward.default_model import cache_dir
+    """``<user cache dir>/judge-cache.sqlite`` (the cache dir of :func:`services.runtime.default_model.cache_dir`)."""
+    from services.runtime.default_model import cache_dir
 
     return cache_dir() / CACHE_FILE
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from services.reward.engine.items import ChatMessage
+from services.runtime.chat import ChatMessage
 
 JudgePrompt = str | tuple[ChatMessage, ...]
 Protocol = Literal["both_orders", "single"]

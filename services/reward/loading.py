@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from services.reward.backends.base import RewardBackend
 from services.reward.settings import RewardSettings
+from services.runtime.backends.base import RewardBackend
 
 log = logging.getLogger(__name__)
 
@@ -14,12 +14,12 @@ def load_backend(settings: RewardSettings) -> RewardBackend:
     """Load ``--model`` (or assemble the embedded default) with the configured backend."""
     if settings.backend == "onnx":
         return _load_onnx(settings)
-    from services.reward.backends.torch_backend import TorchRewardBackend
+    from services.runtime.backends.torch_backend import TorchRewardBackend
 
     if settings.model is not None:
         model_dir = settings.model
     else:
-        from services.reward.default_model import default_model_dir
+        from services.runtime.default_model import default_model_dir
 
         model_dir = default_model_dir()
     return TorchRewardBackend(
@@ -37,7 +37,7 @@ def check_onnx_settings(settings: RewardSettings) -> None:
     """Raise ``ValueError`` (one clear line) for ``--backend onnx`` settings that cannot work:
     a ``--model`` folder that ``export-onnx`` did not write, or a ``--dtype`` other than the
     export's own. Cheap: reads the manifest only."""
-    from services.reward.backends.onnx_backend import ExportManifest
+    from services.runtime.backends.onnx_backend import ExportManifest
 
     if settings.model is not None:
         ExportManifest.read(settings.model)  # NotAnExportError says to run export-onnx first
@@ -49,15 +49,15 @@ def check_onnx_settings(settings: RewardSettings) -> None:
 
 
 def _load_onnx(settings: RewardSettings) -> RewardBackend:
-    from services.reward.backends.onnx_backend import OnnxRewardBackend
+    from services.runtime.backends.onnx_backend import OnnxRewardBackend
 
     check_onnx_settings(settings)
     if settings.model is not None:
         export_dir = settings.model
     else:
         # The embedded default: export it once into the cache (about a minute), then reuse it.
-        from services.reward.default_model import default_model_dir
-        from services.reward.export_onnx import cached_export
+        from services.runtime.default_model import default_model_dir
+        from services.runtime.onnx_export import cached_export
 
         log.info("exporting the embedded default model to ONNX (once; cached)")
         export_dir = cached_export(default_model_dir())

@@ -16,63 +16,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from services.reward.engine.items import (
-    ChatMessage,
-    CompareOutcome,
-    ItemError,
-    ItemResult,
-    Limits,
-    ModelInfo,
-    ModelRef,
-    Priority,
-    Prompt,
-    RewardInput,
-    ScoreOutcome,
-)
+from services.common.wire import ErrorBody, Message, PromptWire, StrictModel
+from services.reward.engine.results import CompareOutcome, ItemError, ItemResult, Limits, ModelRef, ScoreOutcome
+from services.runtime.chat import Prompt, as_messages, as_prompt
+from services.runtime.items import ModelInfo, Priority, RewardInput
 
 # Discriminator tags appear in pydantic error locations; the transport strips them so that an
 # error names the field the client wrote (``inputs[3].text``), not the union member.
 ITEM_TAGS = frozenset({"text", "messages", "pair"})
-PROMPT_TAGS = frozenset({"str", "messages"})
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-
-class Message(_Strict):
-    """One chat message. Roles are checked by the engine (unknown role: 400 with the item index)."""
-
-    role: str
-    content: str
-
-    def to_engine(self) -> ChatMessage:
-        return ChatMessage(self.role, self.content)
-
-
-def _prompt_kind(v: Any) -> str | None:
-    if isinstance(v, str):
-        return "str"
-    if isinstance(v, list | tuple):
-        return "messages"
-    return None
-
-
-PromptWire = Annotated[
-    Annotated[str, Tag("str")] | Annotated[list[Message], Tag("messages")],
-    Discriminator(
-        _prompt_kind,
-        custom_error_type="prompt_type",
-        custom_error_message="prompt must be a string or a list of {role, content} messages",
-    ),
-]
-
-
-def _prompt_to_engine(prompt: str | list[Message]) -> Prompt:
-    return prompt if isinstance(prompt, str) else tuple(m.to_engine() for m in prompt)
-
-
-class TextItem(_Strict):
+class TextItem(StrictModel):
     """Already rendered text, tokenized as is (no special tokens added)."""
 
     text: str
@@ -81,23 +35,23 @@ class TextItem(_Strict):
         return RewardInput(text=self.text)
 
 
-class MessagesItem(_Strict):
+class MessagesItem(StrictModel):
     """A whole conversation, rendered with the reward model's own chat template."""
 
     messages: list[Message]
 
     def to_engine(self) -> RewardInput:
-        return RewardInput(messages=tuple(m.to_engine() for m in self.messages))
+        return RewardInput(messages=as_messages(self.messages))
 
 
-class PairItem(_Strict):
+class PairItem(StrictModel):
     """A prompt (string or messages) and the response to score."""
 
     prompt: PromptWire
     response: str
 
     def to_engine(self) -> RewardInput:
-        return RewardInput(prompt=_prompt_to_engine(self.prompt), response=self.response)
+        return RewardInput(prompt=as_prompt(self.prompt), response=self.response)
 
 
 def _item_kind(v: Any) -> str | None:
@@ -128,7 +82,7 @@ Item = Annotated[
 ]
 
 
-class ScoreRequest(_Strict):
+class ScoreRequest(StrictModel):
     """``POST /v1/score``."""
 
     inputs: list[Item]
@@ -143,14 +97,14 @@ class ScoreRequest(_Strict):
         return Priority(self.priority)
 
 
-class CompareRequest(_Strict):
+class CompareRequest(StrictModel):
     """``POST /v1/compare``: N responses to one prompt, Bradley-Terry probabilities."""
 
     prompt: PromptWire
     responses: list[str]
 
     def engine_prompt(self) -> Prompt:
-        return _prompt_to_engine(self.prompt)
+        return as_prompt(self.prompt)
 
 
 class GetRewardRequest(BaseModel):
@@ -181,18 +135,6 @@ class ModelOut(BaseModel):
     id: str
     revision: str
     normalization: NormalizationOut | None = Field(None, description="Only when the request asked to normalize.")
-
-
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    item: int | None = Field(None, description="Index of the offending input item, when one caused it.")
-
-
-class ErrorBody(BaseModel):
-    """Every error response: ``{"error": {"code", "message", "item"?}}``."""
-
-    error: ErrorDetail
 
 
 class ScoredOut(BaseModel):

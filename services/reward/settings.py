@@ -9,9 +9,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from services.common.settings import ServiceSettings
-from services.reward.engine.batcher import BatcherConfig
-from services.reward.engine.items import Limits
+from services.reward.engine.results import Limits
 from services.reward.engine.service import EngineConfig
+from services.runtime.batcher import BatcherConfig
 
 
 class RewardSettings(ServiceSettings):

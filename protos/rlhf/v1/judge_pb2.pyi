@@ -1,4 +1,4 @@
-from protos.rlhf.v1 import reward_pb2 as _reward_pb2
+from protos.rlhf.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -56,14 +56,14 @@ class JudgeCompareRequest(_message.Message):
     PRINCIPLES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     prompt_text: str
-    prompt_messages: _reward_pb2.Conversation
+    prompt_messages: _common_pb2.Conversation
     responses: _containers.RepeatedScalarFieldContainer[str]
     rubric: str
     reference: str
     protocol: JudgeProtocol
     principles: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
-    def __init__(self, prompt_text: _Optional[str] = ..., prompt_messages: _Optional[_Union[_reward_pb2.Conversation, _Mapping]] = ..., responses: _Optional[_Iterable[str]] = ..., rubric: _Optional[str] = ..., reference: _Optional[str] = ..., protocol: _Optional[_Union[JudgeProtocol, str]] = ..., principles: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, prompt_text: _Optional[str] = ..., prompt_messages: _Optional[_Union[_common_pb2.Conversation, _Mapping]] = ..., responses: _Optional[_Iterable[str]] = ..., rubric: _Optional[str] = ..., reference: _Optional[str] = ..., protocol: _Optional[_Union[JudgeProtocol, str]] = ..., principles: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Comparison(_message.Message):
     __slots__ = ("preference", "winner", "consistent", "rationale", "soft")
@@ -100,8 +100,8 @@ class JudgeCompareStreamResponse(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     response: JudgeCompareResponse
-    error: _reward_pb2.Error
-    def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[JudgeCompareResponse, _Mapping]] = ..., error: _Optional[_Union[_reward_pb2.Error, _Mapping]] = ...) -> None: ...
+    error: _common_pb2.Error
+    def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[JudgeCompareResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
 
 class JudgeRankRequest(_message.Message):
     __slots__ = ("prompt_text", "prompt_messages", "responses", "rubric", "reference", "principles")
@@ -112,12 +112,12 @@ class JudgeRankRequest(_message.Message):
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
     PRINCIPLES_FIELD_NUMBER: _ClassVar[int]
     prompt_text: str
-    prompt_messages: _reward_pb2.Conversation
+    prompt_messages: _common_pb2.Conversation
     responses: _containers.RepeatedScalarFieldContainer[str]
     rubric: str
     reference: str
     principles: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, prompt_text: _Optional[str] = ..., prompt_messages: _Optional[_Union[_reward_pb2.Conversation, _Mapping]] = ..., responses: _Optional[_Iterable[str]] = ..., rubric: _Optional[str] = ..., reference: _Optional[str] = ..., principles: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, prompt_text: _Optional[str] = ..., prompt_messages: _Optional[_Union[_common_pb2.Conversation, _Mapping]] = ..., responses: _Optional[_Iterable[str]] = ..., rubric: _Optional[str] = ..., reference: _Optional[str] = ..., principles: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Ranking(_message.Message):
     __slots__ = ("scores", "ranking", "consistent_rate")
@@ -161,13 +161,13 @@ class JudgeGradeRequest(_message.Message):
     SCALE_FIELD_NUMBER: _ClassVar[int]
     PRINCIPLES_FIELD_NUMBER: _ClassVar[int]
     prompt_text: str
-    prompt_messages: _reward_pb2.Conversation
+    prompt_messages: _common_pb2.Conversation
     response: str
     rubric: str
     reference: str
     scale: Scale
     principles: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, prompt_text: _Optional[str] = ..., prompt_messages: _Optional[_Union[_reward_pb2.Conversation, _Mapping]] = ..., response: _Optional[str] = ..., rubric: _Optional[str] = ..., reference: _Optional[str] = ..., scale: _Optional[_Union[Scale, _Mapping]] = ..., principles: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, prompt_text: _Optional[str] = ..., prompt_messages: _Optional[_Union[_common_pb2.Conversation, _Mapping]] = ..., response: _Optional[str] = ..., rubric: _Optional[str] = ..., reference: _Optional[str] = ..., scale: _Optional[_Union[Scale, _Mapping]] = ..., principles: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Grade(_message.Message):
     __slots__ = ("score", "raw", "rationale", "soft")

@@ -22,51 +22,46 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from protos.rlhf.v1 import common_pb2 as protos_dot_rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/rlhf/v1/reward.proto\x12\x07rlhf.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"2\n\x0c\x43onversation\x12\"\n\x08messages\x18\x01 \x03(\x0b\x32\x10.rlhf.v1.Message\"u\n\x0ePromptResponse\x12\x15\n\x0bprompt_text\x18\x01 \x01(\tH\x00\x12\x30\n\x0fprompt_messages\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.ConversationH\x00\x12\x10\n\x08response\x18\x03 \x01(\tB\x08\n\x06prompt\"z\n\x0bRewardInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\x04pair\x18\x02 \x01(\x0b\x32\x17.rlhf.v1.PromptResponseH\x00\x12)\n\x08messages\x18\x03 \x01(\x0b\x32\x15.rlhf.v1.ConversationH\x00\x42\x07\n\x05input\"\x80\x01\n\x0cScoreRequest\x12$\n\x06inputs\x18\x01 \x03(\x0b\x32\x14.rlhf.v1.RewardInput\x12#\n\x08priority\x18\x02 \x01(\x0e\x32\x11.rlhf.v1.Priority\x12\x11\n\tnormalize\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"u\n\x05Score\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x17\n\nnormalized\x18\x05 \x01(\x02H\x00\x88\x01\x01\x42\r\n\x0b_normalized\"Y\n\nItemResult\x12\x1f\n\x05score\x18\x01 \x01(\x0b\x32\x0e.rlhf.v1.ScoreH\x00\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0e.rlhf.v1.ErrorH\x00\x42\t\n\x07outcome\":\n\rNormalization\x12\x0c\n\x04mean\x18\x01 \x01(\x02\x12\x0b\n\x03std\x18\x02 \x01(\x02\x12\x0e\n\x06source\x18\x03 \x01(\t\"W\n\x08ModelRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12-\n\rnormalization\x18\x03 \x01(\x0b\x32\x16.rlhf.v1.Normalization\"W\n\rScoreResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.rlhf.v1.ModelRef\x12$\n\x07results\x18\x02 \x03(\x0b\x32\x13.rlhf.v1.ItemResult\"\x7f\n\x13ScoreStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12#\n\x06result\x18\x03 \x01(\x0b\x32\x13.rlhf.v1.ItemResult\x12 \n\x05model\x18\x04 \x01(\x0b\x32\x11.rlhf.v1.ModelRef\"v\n\x0e\x43ompareRequest\x12\x15\n\x0bprompt_text\x18\x01 \x01(\tH\x00\x12\x30\n\x0fprompt_messages\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.ConversationH\x00\x12\x11\n\tresponses\x18\x03 \x03(\tB\x08\n\x06prompt\"k\n\x0f\x43ompareResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.rlhf.v1.ModelRef\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x01\x12\x0f\n\x07ranking\x18\x04 \x03(\r\"\x15\n\x13GetModelInfoRequest\"q\n\x06Limits\x12\x1d\n\x15max_items_per_request\x18\x01 \x01(\r\x12\x16\n\x0emax_body_bytes\x18\x02 \x01(\x04\x12\x16\n\x0emax_text_bytes\x18\x03 \x01(\x04\x12\x18\n\x10max_batch_tokens\x18\x04 \x01(\r\"\xe8\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\x12\n\nnum_labels\x18\x08 \x01(\r\x12\x13\n\x0blabel_names\x18\t \x03(\t\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\x12\x1f\n\x06limits\x18\x0b \x01(\x0b\x32\x0f.rlhf.v1.Limits*M\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x13\n\x0fPRIORITY_ONLINE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02\x32\x8f\x02\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12\x46\n\x0bScoreStream\x12\x15.rlhf.v1.ScoreRequest\x1a\x1c.rlhf.v1.ScoreStreamResponse(\x01\x30\x01\x12<\n\x07\x43ompare\x12\x17.rlhf.v1.CompareRequest\x1a\x18.rlhf.v1.CompareResponse\x12@\n\x0cGetModelInfo\x12\x1c.rlhf.v1.GetModelInfoRequest\x1a\x12.rlhf.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/rlhf/v1/reward.proto\x12\x07rlhf.v1\x1a\x1bprotos/rlhf/v1/common.proto\"u\n\x0ePromptResponse\x12\x15\n\x0bprompt_text\x18\x01 \x01(\tH\x00\x12\x30\n\x0fprompt_messages\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.ConversationH\x00\x12\x10\n\x08response\x18\x03 \x01(\tB\x08\n\x06prompt\"z\n\x0bRewardInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\x04pair\x18\x02 \x01(\x0b\x32\x17.rlhf.v1.PromptResponseH\x00\x12)\n\x08messages\x18\x03 \x01(\x0b\x32\x15.rlhf.v1.ConversationH\x00\x42\x07\n\x05input\"\x80\x01\n\x0cScoreRequest\x12$\n\x06inputs\x18\x01 \x03(\x0b\x32\x14.rlhf.v1.RewardInput\x12#\n\x08priority\x18\x02 \x01(\x0e\x32\x11.rlhf.v1.Priority\x12\x11\n\tnormalize\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"u\n\x05Score\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x17\n\nnormalized\x18\x05 \x01(\x02H\x00\x88\x01\x01\x42\r\n\x0b_normalized\"Y\n\nItemResult\x12\x1f\n\x05score\x18\x01 \x01(\x0b\x32\x0e.rlhf.v1.ScoreH\x00\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0e.rlhf.v1.ErrorH\x00\x42\t\n\x07outcome\":\n\rNormalization\x12\x0c\n\x04mean\x18\x01 \x01(\x02\x12\x0b\n\x03std\x18\x02 \x01(\x02\x12\x0e\n\x06source\x18\x03 \x01(\t\"W\n\x08ModelRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12-\n\rnormalization\x18\x03 \x01(\x0b\x32\x16.rlhf.v1.Normalization\"W\n\rScoreResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.rlhf.v1.ModelRef\x12$\n\x07results\x18\x02 \x03(\x0b\x32\x13.rlhf.v1.ItemResult\"\x7f\n\x13ScoreStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12#\n\x06result\x18\x03 \x01(\x0b\x32\x13.rlhf.v1.ItemResult\x12 \n\x05model\x18\x04 \x01(\x0b\x32\x11.rlhf.v1.ModelRef\"v\n\x0e\x43ompareRequest\x12\x15\n\x0bprompt_text\x18\x01 \x01(\tH\x00\x12\x30\n\x0fprompt_messages\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.ConversationH\x00\x12\x11\n\tresponses\x18\x03 \x03(\tB\x08\n\x06prompt\"k\n\x0f\x43ompareResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.rlhf.v1.ModelRef\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x01\x12\x0f\n\x07ranking\x18\x04 \x03(\r\"\x15\n\x13GetModelInfoRequest\"q\n\x06Limits\x12\x1d\n\x15max_items_per_request\x18\x01 \x01(\r\x12\x16\n\x0emax_body_bytes\x18\x02 \x01(\x04\x12\x16\n\x0emax_text_bytes\x18\x03 \x01(\x04\x12\x18\n\x10max_batch_tokens\x18\x04 \x01(\r\"\xe8\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\x12\n\nnum_labels\x18\x08 \x01(\r\x12\x13\n\x0blabel_names\x18\t \x03(\t\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\x12\x1f\n\x06limits\x18\x0b \x01(\x0b\x32\x0f.rlhf.v1.Limits*M\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x13\n\x0fPRIORITY_ONLINE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02\x32\x8f\x02\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12\x46\n\x0bScoreStream\x12\x15.rlhf.v1.ScoreRequest\x1a\x1c.rlhf.v1.ScoreStreamResponse(\x01\x30\x01\x12<\n\x07\x43ompare\x12\x17.rlhf.v1.CompareRequest\x1a\x18.rlhf.v1.CompareResponse\x12@\n\x0cGetModelInfo\x12\x1c.rlhf.v1.GetModelInfoRequest\x1a\x12.rlhf.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.rlhf.v1.reward_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=1727
-  _globals['_PRIORITY']._serialized_end=1804
-  _globals['_MESSAGE']._serialized_start=40
-  _globals['_MESSAGE']._serialized_end=80
-  _globals['_CONVERSATION']._serialized_start=82
-  _globals['_CONVERSATION']._serialized_end=132
-  _globals['_PROMPTRESPONSE']._serialized_start=134
-  _globals['_PROMPTRESPONSE']._serialized_end=251
-  _globals['_REWARDINPUT']._serialized_start=253
-  _globals['_REWARDINPUT']._serialized_end=375
-  _globals['_SCOREREQUEST']._serialized_start=378
-  _globals['_SCOREREQUEST']._serialized_end=506
-  _globals['_ERROR']._serialized_start=508
-  _globals['_ERROR']._serialized_end=546
-  _globals['_SCORE']._serialized_start=548
-  _globals['_SCORE']._serialized_end=665
-  _globals['_ITEMRESULT']._serialized_start=667
-  _globals['_ITEMRESULT']._serialized_end=756
-  _globals['_NORMALIZATION']._serialized_start=758
-  _globals['_NORMALIZATION']._serialized_end=816
-  _globals['_MODELREF']._serialized_start=818
-  _globals['_MODELREF']._serialized_end=905
-  _globals['_SCORERESPONSE']._serialized_start=907
-  _globals['_SCORERESPONSE']._serialized_end=994
-  _globals['_SCORESTREAMRESPONSE']._serialized_start=996
-  _globals['_SCORESTREAMRESPONSE']._serialized_end=1123
-  _globals['_COMPAREREQUEST']._serialized_start=1125
-  _globals['_COMPAREREQUEST']._serialized_end=1243
-  _globals['_COMPARERESPONSE']._serialized_start=1245
-  _globals['_COMPARERESPONSE']._serialized_end=1352
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1354
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1375
-  _globals['_LIMITS']._serialized_start=1377
-  _globals['_LIMITS']._serialized_end=1490
-  _globals['_MODELINFO']._serialized_start=1493
-  _globals['_MODELINFO']._serialized_end=1725
-  _globals['_REWARDSERVICE']._serialized_start=1807
-  _globals['_REWARDSERVICE']._serialized_end=2078
+  _globals['_PRIORITY']._serialized_start=1622
+  _globals['_PRIORITY']._serialized_end=1699
+  _globals['_PROMPTRESPONSE']._serialized_start=69
+  _globals['_PROMPTRESPONSE']._serialized_end=186
+  _globals['_REWARDINPUT']._serialized_start=188
+  _globals['_REWARDINPUT']._serialized_end=310
+  _globals['_SCOREREQUEST']._serialized_start=313
+  _globals['_SCOREREQUEST']._serialized_end=441
+  _globals['_SCORE']._serialized_start=443
+  _globals['_SCORE']._serialized_end=560
+  _globals['_ITEMRESULT']._serialized_start=562
+  _globals['_ITEMRESULT']._serialized_end=651
+  _globals['_NORMALIZATION']._serialized_start=653
+  _globals['_NORMALIZATION']._serialized_end=711
+  _globals['_MODELREF']._serialized_start=713
+  _globals['_MODELREF']._serialized_end=800
+  _globals['_SCORERESPONSE']._serialized_start=802
+  _globals['_SCORERESPONSE']._serialized_end=889
+  _globals['_SCORESTREAMRESPONSE']._serialized_start=891
+  _globals['_SCORESTREAMRESPONSE']._serialized_end=1018
+  _globals['_COMPAREREQUEST']._serialized_start=1020
+  _globals['_COMPAREREQUEST']._serialized_end=1138
+  _globals['_COMPARERESPONSE']._serialized_start=1140
+  _globals['_COMPARERESPONSE']._serialized_end=1247
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1249
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1270
+  _globals['_LIMITS']._serialized_start=1272
+  _globals['_LIMITS']._serialized_end=1385
+  _globals['_MODELINFO']._serialized_start=1388
+  _globals['_MODELINFO']._serialized_end=1620
+  _globals['_REWARDSERVICE']._serialized_start=1702
+  _globals['_REWARDSERVICE']._serialized_end=1973
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from protos.rlhf.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -16,29 +17,15 @@ PRIORITY_UNSPECIFIED: Priority
 PRIORITY_ONLINE: Priority
 PRIORITY_BATCH: Priority
 
-class Message(_message.Message):
-    __slots__ = ("role", "content")
-    ROLE_FIELD_NUMBER: _ClassVar[int]
-    CONTENT_FIELD_NUMBER: _ClassVar[int]
-    role: str
-    content: str
-    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
-
-class Conversation(_message.Message):
-    __slots__ = ("messages",)
-    MESSAGES_FIELD_NUMBER: _ClassVar[int]
-    messages: _containers.RepeatedCompositeFieldContainer[Message]
-    def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ...) -> None: ...
-
 class PromptResponse(_message.Message):
     __slots__ = ("prompt_text", "prompt_messages", "response")
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     prompt_text: str
-    prompt_messages: Conversation
+    prompt_messages: _common_pb2.Conversation
     response: str
-    def __init__(self, prompt_text: _Optional[str] = ..., prompt_messages: _Optional[_Union[Conversation, _Mapping]] = ..., response: _Optional[str] = ...) -> None: ...
+    def __init__(self, prompt_text: _Optional[str] = ..., prompt_messages: _Optional[_Union[_common_pb2.Conversation, _Mapping]] = ..., response: _Optional[str] = ...) -> None: ...
 
 class RewardInput(_message.Message):
     __slots__ = ("text", "pair", "messages")
@@ -47,8 +34,8 @@ class RewardInput(_message.Message):
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     text: str
     pair: PromptResponse
-    messages: Conversation
-    def __init__(self, text: _Optional[str] = ..., pair: _Optional[_Union[PromptResponse, _Mapping]] = ..., messages: _Optional[_Union[Conversation, _Mapping]] = ...) -> None: ...
+    messages: _common_pb2.Conversation
+    def __init__(self, text: _Optional[str] = ..., pair: _Optional[_Union[PromptResponse, _Mapping]] = ..., messages: _Optional[_Union[_common_pb2.Conversation, _Mapping]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("inputs", "priority", "normalize", "request_id")
@@ -61,14 +48,6 @@ class ScoreRequest(_message.Message):
     normalize: bool
     request_id: str
     def __init__(self, inputs: _Optional[_Iterable[_Union[RewardInput, _Mapping]]] = ..., priority: _Optional[_Union[Priority, str]] = ..., normalize: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
-
-class Error(_message.Message):
-    __slots__ = ("code", "message")
-    CODE_FIELD_NUMBER: _ClassVar[int]
-    MESSAGE_FIELD_NUMBER: _ClassVar[int]
-    code: str
-    message: str
-    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Score(_message.Message):
     __slots__ = ("score", "scores", "num_tokens", "truncated", "normalized")
@@ -89,8 +68,8 @@ class ItemResult(_message.Message):
     SCORE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     score: Score
-    error: Error
-    def __init__(self, score: _Optional[_Union[Score, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    error: _common_pb2.Error
+    def __init__(self, score: _Optional[_Union[Score, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
 
 class Normalization(_message.Message):
     __slots__ = ("mean", "std", "source")
@@ -138,9 +117,9 @@ class CompareRequest(_message.Message):
     PROMPT_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     RESPONSES_FIELD_NUMBER: _ClassVar[int]
     prompt_text: str
-    prompt_messages: Conversation
+    prompt_messages: _common_pb2.Conversation
     responses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, prompt_text: _Optional[str] = ..., prompt_messages: _Optional[_Union[Conversation, _Mapping]] = ..., responses: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, prompt_text: _Optional[str] = ..., prompt_messages: _Optional[_Union[_common_pb2.Conversation, _Mapping]] = ..., responses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CompareResponse(_message.Message):
     __slots__ = ("model", "scores", "probabilities", "ranking")

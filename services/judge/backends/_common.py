@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from services.judge.backends.base import UpstreamError
-from services.reward.engine.items import ChatMessage
+from services.runtime.chat import ChatMessage
 
 # 408 request timeout, 409 conflict (lock contention), 429 rate limited, 5xx (529 overloaded).
 RETRYABLE_STATUSES = frozenset({408, 409, 429})

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from services.judge.backends._common import parse_choice, parse_json_object, upstream_error_for_status
 from services.judge.backends.base import BackendInfo, UnparseableReply, UpstreamError
 from services.judge.types import Usage, VerdictQuery, VerdictReply
-from services.reward.engine.items import ChatMessage
+from services.runtime.chat import ChatMessage
 
 if TYPE_CHECKING:
     from anthropic import AsyncAnthropic

@@ -8,7 +8,7 @@ renormalised over the choices. A choice counts through every single-token spelli
 error (:class:`ChoiceTokenError`), checked once per choice set (:meth:`LocalBackend.check_choices`).
 
 Forwards of concurrent verdicts are batched by the reward service's token-budget
-:class:`~services.reward.engine.batcher.Batcher` (shared code): right padding with an attention
+:class:`~services.runtime.batcher.Batcher` (shared code): right padding with an attention
 mask, the hidden state at each item's last real position, the output projection only there.
 
 Rationale queries first generate up to ``query.max_tokens`` tokens greedily (one at a time,
@@ -34,8 +34,8 @@ import numpy as np
 from services.common.errors import ErrorCode, ServiceError
 from services.judge.backends.base import BackendInfo, UpstreamError
 from services.judge.types import Usage, VerdictQuery, VerdictReply
-from services.reward.engine.batcher import Batcher, BatcherConfig
-from services.reward.engine.items import EncodedItem
+from services.runtime.batcher import Batcher, BatcherConfig
+from services.runtime.items import EncodedItem
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,13 @@ class LocalBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        from services.reward.backends.rendering import model_max_length
-        from services.reward.backends.torch_backend import DTYPES, resolve_device, weights_revision
+        from services.runtime.device import resolve_device, torch_dtype, weights_revision
+        from services.runtime.rendering import model_max_length
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
         if model_dir is None:
-            from services.reward.default_model import backbone_dir
+            from services.runtime.default_model import backbone_dir
 
             model_dir = backbone_dir()
             model_id = model_id or DEFAULT_MODEL_ID
@@ -88,7 +88,7 @@ class LocalBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{model_dir}: the local judge needs a tokenizer with a chat template")
-        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype))
         self.model: Any = model.to(self.device).eval()
         config = self.model.config
         self.max_length = model_max_length(self.tokenizer, config, max_length)
@@ -134,7 +134,7 @@ class LocalBackend:
 
     async def warmup(self) -> None:
         """One tiny verdict through the batcher (for readiness)."""
-        from services.reward.engine.items import ChatMessage
+        from services.runtime.chat import ChatMessage
 
         await self.verdict(VerdictQuery(messages=(ChatMessage("user", "Answer A or B."),), choices=("A", "B")))
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.judge.types import JudgePrompt
-from services.reward.engine.items import ChatMessage
+from services.runtime.chat import ChatMessage
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 KINDS = ("pairwise", "pairwise_reference", "grade", "grade_reference", "criteria")

@@ -36,6 +36,12 @@ from dataclasses import dataclass
 from services.common.errors import ErrorCode, ServiceError, invalid
 from services.common.lifecycle import EngineState, Lifecycle
 from services.judge.backends.base import JudgeBackend, UnparseableReply, UpstreamError
+from services.judge.engine.cache import JudgeCache
+from services.judge.engine.clock import Clock, SystemClock, with_deadline
+from services.judge.engine.config import JudgeEngineConfig, price_for
+from services.judge.engine.limiter import Limiter, LimiterTimeout, Outcome, Permit
+from services.judge.engine.prompts import TemplateSet, prompt_json, sha256_hex
+from services.judge.engine.ranking import bradley_terry, pairs_to_judge, ranking_from_scores
 from services.judge.metrics import JudgeMetrics
 from services.judge.types import (
     Abstain,
@@ -51,13 +57,6 @@ from services.judge.types import (
     VerdictQuery,
     VerdictReply,
 )
-
-from .cache import JudgeCache
-from .clock import Clock, SystemClock, with_deadline
-from .config import JudgeEngineConfig, price_for
-from .limiter import Limiter, LimiterTimeout, Outcome, Permit
-from .prompts import TemplateSet, prompt_json, sha256_hex
-from .ranking import bradley_terry, pairs_to_judge, ranking_from_scores
 
 __all__ = ["GRADE_SCALE_BOUNDS", "JudgeEngine", "JudgeEngineConfig", "JudgeLimits"]
 

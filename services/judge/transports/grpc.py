@@ -21,8 +21,8 @@ from typing import Any
 
 import grpc
 
+from protos.rlhf.v1 import common_pb2 as cpb
 from protos.rlhf.v1 import judge_pb2 as pb
-from protos.rlhf.v1 import reward_pb2
 from services.common.errors import INTERNAL_MESSAGE, ErrorCode, ServiceError
 from services.common.grpc_support import (
     GrpcServerHandle,
@@ -242,9 +242,7 @@ class JudgeServicer:
 
 
 def _error(request_id: str, code: ErrorCode, message: str) -> pb.JudgeCompareStreamResponse:
-    return pb.JudgeCompareStreamResponse(
-        request_id=request_id, error=reward_pb2.Error(code=code.value, message=message)
-    )
+    return pb.JudgeCompareStreamResponse(request_id=request_id, error=cpb.Error(code=code.value, message=message))
 
 
 # -- the server --------------------------------------------------------------------------------

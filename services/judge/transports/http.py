@@ -34,7 +34,6 @@ from services.judge.schemas import (
     AbstainOut,
     CompareOut,
     CompareRequest,
-    ErrorBody,
     GradeOut,
     GradeRequest,
     ModelList,
@@ -68,7 +67,6 @@ def create_http_app(engine: JudgeEngine, settings: JudgeSettings, *, api_key: st
         metrics=engine.metrics,
         route_names=ROUTE_NAMES,
         parser=PARSER,
-        error_model=ErrorBody,
     )
     app.state.engine = engine
 

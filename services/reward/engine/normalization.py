@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import threading
 
-from .items import NormalizationInfo
+from services.reward.engine.results import NormalizationInfo
 
 
 class Normalizer:

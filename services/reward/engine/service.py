@@ -21,26 +21,22 @@ import numpy as np
 
 from services.common.errors import INTERNAL_MESSAGE, ErrorCode, ServiceError, invalid
 from services.common.lifecycle import EngineState, Lifecycle
-from services.reward.backends.base import RewardBackend, shared_prefix_fn
-from services.reward.metrics import RewardMetrics
-
-from .batcher import Batcher, BatcherConfig
-from .items import (
+from services.reward.engine.normalization import Normalizer
+from services.reward.engine.results import (
     CompareOutcome,
-    EncodedItem,
     ItemError,
     ItemResult,
     Limits,
-    ModelInfo,
     ModelRef,
-    Priority,
-    Prompt,
-    RewardInput,
     ScoredItem,
     ScoreOutcome,
 )
-from .normalization import Normalizer
-from .validation import validate_inputs
+from services.reward.engine.validation import validate_inputs
+from services.reward.metrics import RewardMetrics
+from services.runtime.backends.base import RewardBackend, shared_prefix_fn
+from services.runtime.batcher import Batcher, BatcherConfig
+from services.runtime.chat import Prompt
+from services.runtime.items import EncodedItem, ModelInfo, Priority, RewardInput
 
 log = logging.getLogger(__name__)
 

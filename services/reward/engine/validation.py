@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from services.common.errors import invalid
-
-from .items import ROLES, ChatMessage, Limits, RewardInput
+from services.reward.engine.results import Limits
+from services.runtime.chat import ROLES, ChatMessage
+from services.runtime.items import RewardInput
 
 
 def validate_inputs(inputs: Sequence[RewardInput], limits: Limits) -> None:

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
+from protos.rlhf.v1 import common_pb2 as cpb
 from protos.rlhf.v1 import reward_pb2 as pb
 from services.common.errors import INTERNAL_MESSAGE, ErrorCode, ServiceError, invalid
 from services.common.grpc_support import (
@@ -29,20 +30,11 @@ from services.common.grpc_support import (
     deadline_of,
     fan_out,
 )
-from services.reward.engine.items import (
-    ChatMessage,
-    CompareOutcome,
-    ItemError,
-    ItemResult,
-    Limits,
-    ModelInfo,
-    ModelRef,
-    Priority,
-    Prompt,
-    RewardInput,
-)
+from services.reward.engine.results import CompareOutcome, ItemError, ItemResult, Limits, ModelRef
 from services.reward.engine.service import RewardEngine
 from services.reward.settings import RewardSettings
+from services.runtime.chat import ChatMessage, Prompt
+from services.runtime.items import ModelInfo, Priority, RewardInput
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +57,7 @@ def priority_from_grpc(value: int) -> Priority:
         raise invalid(f"unknown priority {value}; expected PRIORITY_ONLINE or PRIORITY_BATCH") from None
 
 
-def messages_from_grpc(conversation: pb.Conversation) -> tuple[ChatMessage, ...]:
+def messages_from_grpc(conversation: cpb.Conversation) -> tuple[ChatMessage, ...]:
     return tuple(ChatMessage(role=m.role, content=m.content) for m in conversation.messages)
 
 
@@ -105,7 +97,7 @@ def model_to_grpc(model: ModelRef) -> pb.ModelRef:
 
 
 def error_to_grpc(code: ErrorCode, message: str) -> pb.ItemResult:
-    return pb.ItemResult(error=pb.Error(code=code.value, message=message))
+    return pb.ItemResult(error=cpb.Error(code=code.value, message=message))
 
 
 def result_to_grpc(result: ItemResult) -> pb.ItemResult:

@@ -55,14 +55,13 @@ from services.common.http_support import (
     request_deadline,
     run_until_disconnect,
 )
-from services.reward.engine.items import ItemError, Priority, RewardInput, ScoredItem
+from services.common.wire import PROMPT_TAGS
+from services.reward.engine.results import ItemError, ScoredItem
 from services.reward.engine.service import RewardEngine
 from services.reward.schemas import (
     ITEM_TAGS,
-    PROMPT_TAGS,
     CompareRequest,
     CompareResponse,
-    ErrorBody,
     GetRewardRequest,
     GetRewardResponse,
     ModelList,
@@ -73,6 +72,7 @@ from services.reward.schemas import (
     score_body,
 )
 from services.reward.settings import RewardSettings
+from services.runtime.items import Priority, RewardInput
 
 # Route → metrics label; anything else is "other" (bounded label cardinality).
 ROUTE_NAMES: Mapping[str, str] = {
@@ -114,7 +114,6 @@ def create_http_app(engine: RewardEngine, settings: RewardSettings, *, api_key: 
         metrics=engine.metrics,
         route_names=ROUTE_NAMES,
         parser=PARSER,
-        error_model=ErrorBody,
     )
     app.state.engine = engine
 

@@ -1,0 +1,1 @@
+"""Offline evaluation: ``judge-eval`` (a judge service's agreement with human preference labels)."""
