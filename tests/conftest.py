@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_models import make_tiny_bert, make_tiny_llama
+from tests.support.tiny_models import make_tiny_bert, make_tiny_llama
 
 
 @pytest.fixture(scope="session")

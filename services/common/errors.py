@@ -2,7 +2,7 @@
 
 Each domain error has exactly one HTTP status and one gRPC code; the transports map a
 :class:`ServiceError` through :data:`ERROR_TABLE` and nothing else, so HTTP and gRPC agree by
-construction (and ``tests/test_error_table.py`` checks that they do).
+construction (and ``tests/reward/test_error_table.py`` checks that they do).
 """
 
 from __future__ import annotations
