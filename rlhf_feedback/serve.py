@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 
 from services.common.settings import SettingsError
@@ -38,13 +39,17 @@ def register(services: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     judge.set_defaults(run=run_judge)
 
 
+def _configure_logging(level: str) -> None:
+    # The servers log to stderr, one line per event; a library user configures logging themselves.
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def _usage_error(service: str, exc: Exception) -> int:
     print(f"rlhf-feedback serve {service}: {exc}", file=sys.stderr)
     return 2
 
 
 def run_reward(args: argparse.Namespace) -> int:
-    from services.common.logs import configure_logging
     from services.reward.server import serve_reward
 
     flags = {k: v for k, v in vars(args).items() if k in RewardSettings.model_fields}
@@ -59,12 +64,11 @@ def run_reward(args: argparse.Namespace) -> int:
             check_onnx_settings(settings)
         except (ValueError, OSError) as exc:  # before loading anything: one line, not a logged traceback
             return _usage_error("reward", exc)
-    configure_logging(settings.log_level)
+    _configure_logging(settings.log_level)
     return asyncio.run(serve_reward(settings))
 
 
 def run_judge(args: argparse.Namespace) -> int:
-    from services.common.logs import configure_logging
     from services.judge.server import serve_judge
 
     flags = {k: v for k, v in vars(args).items() if k in JudgeSettings.model_fields}
@@ -73,5 +77,5 @@ def run_judge(args: argparse.Namespace) -> int:
         settings.engine_config()  # read --prices / --principles now: a bad file is a usage error
     except (SettingsError, ValueError, OSError) as exc:
         return _usage_error("judge", exc)
-    configure_logging(settings.log_level)
+    _configure_logging(settings.log_level)
     return asyncio.run(serve_judge(settings))
