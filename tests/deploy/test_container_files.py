@@ -239,6 +239,18 @@ def test_dockerignore_keeps_the_context_small_and_complete(stages: dict[str, Sta
                 assert (ROOT / src).exists()
 
 
+@pytest.mark.parametrize("target", list(BUILDERS))
+def test_builder_copies_every_package_the_wheel_holds(stages: dict[str, Stage], target: str) -> None:
+    """The image installs the project from the copied sources: a package left out (the CLI's own,
+    say) would make ``rlhf-feedback`` fail to start inside the container."""
+    # (a regex, not tomllib: the tests run on Python 3.10 too)
+    m = re.search(r"^include = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(encoding="utf-8"), re.M)
+    assert m, "pyproject.toml: [tool.setuptools.packages.find] include"
+    packages = {p.strip().strip('"').rstrip("*") for p in m.group(1).split(",")}
+    copied = {shlex.split(c)[0].rstrip("/") for c in stages[BUILDERS[target]].args("COPY") if "--from=" not in c}
+    assert packages <= copied, f"not copied into {BUILDERS[target]}: {sorted(packages - copied)}"
+
+
 # -- docker-compose.yml ------------------------------------------------------------------------
 
 
