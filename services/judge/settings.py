@@ -212,6 +212,8 @@ class JudgeSettings(ServiceSettings):
             rank_max_pairs=self.rank_max_pairs,
             template=self.template,
             seed=self.seed,
+            max_items_per_request=self.max_items_per_request,
+            max_text_bytes=self.max_text_bytes,
         )
 
 

@@ -6,13 +6,15 @@ label (TRL's judges returned -1 and a position flip turned it into "the second w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 from services.runtime.chat import ChatMessage
 
 JudgePrompt = str | tuple[ChatMessage, ...]
 Protocol = Literal["both_orders", "single"]
+DEFAULT_SCALE = (1, 5)  # a grade's scale when the request names none
 
 
 # -- what the engine asks a backend ------------------------------------------------------------
@@ -138,6 +140,28 @@ class CompareInput:
     protocol: Protocol = "both_orders"
     principles: tuple[str, ...] = ()
 
+    @classmethod
+    def from_wire(
+        cls,
+        prompt: JudgePrompt,
+        responses: Sequence[str],
+        *,
+        rubric: str | None,
+        reference: str | None,
+        protocol: str,
+        principles: Sequence[str],
+    ) -> CompareInput:
+        """A transport's values as they came: how many responses and which protocol are for the
+        engine's validation to check (with the API's messages), not for a transport."""
+        return cls(
+            prompt=prompt,
+            responses=cast("tuple[str, str]", tuple(responses)),
+            rubric=rubric,
+            reference=reference,
+            protocol=cast(Protocol, protocol),
+            principles=tuple(principles),
+        )
+
 
 @dataclass(frozen=True)
 class RankInput:
@@ -154,5 +178,5 @@ class GradeInput:
     response: str
     rubric: str | None = None
     reference: str | None = None
-    scale: tuple[int, int] = (1, 5)
+    scale: tuple[int, int] = DEFAULT_SCALE
     principles: tuple[str, ...] = ()

@@ -30,6 +30,7 @@ def make(srv: FakeAnthropic, **kw: object) -> AnthropicBackend:
     return AnthropicBackend("claude-fake", base_url=srv.base_url, api_key="sk-ant-test", **kw)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow  # ~1 s
 async def test_verbalised_probability() -> None:
     with FakeAnthropic(policy=fixed({"A": 0.2, "B": 0.8})) as srv:
         backend = make(srv)
@@ -46,6 +47,7 @@ async def test_verbalised_probability() -> None:
     assert backend.sampling_key()["soft_labels"] == "verbalised probability"
 
 
+@pytest.mark.slow  # 1-1.5 s
 async def test_verbalised_with_rationale() -> None:
     with FakeAnthropic(policy=always_better()) as srv:
         backend = make(srv)

@@ -97,14 +97,14 @@ def _worker(path: str, order: int, start: Any, out: Any) -> None:
                              clock=clock)  # fmt: skip
         await engine.start()
         keys_of: dict[str, str] = {}
-        real_key = engine._key
+        real_key = engine.verdicts.key
 
         def key(b: Any, query: Any, meta: Any) -> str:
             k = real_key(b, query, meta)
             keys_of[query.messages[1].content] = k
             return k
 
-        engine._key = key  # type: ignore[method-assign,assignment]
+        engine.verdicts.key = key  # type: ignore[method-assign,assignment]
         items = list(range(N_ITEMS)) if order == 0 else list(range(N_ITEMS))[::-1]
         sem = asyncio.Semaphore(6)
 
@@ -131,6 +131,7 @@ def _worker(path: str, order: int, start: Any, out: Any) -> None:
     out.put(json.dumps(asyncio.run(main())))
 
 
+@pytest.mark.slow  # two spawned interpreters
 def test_two_processes_share_one_cache_file(tmp_path: Path) -> None:
     path = str(tmp_path / "shared.sqlite")
     JudgeCache(path).close()  # create the file once, as a server would at start

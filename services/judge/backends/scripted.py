@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from services.judge.backends.base import BackendInfo, UnparseableReply, UpstreamError
-from services.judge.engine.clock import Clock, SystemClock
+from services.judge.clock import Clock, SystemClock
 from services.judge.types import Usage, VerdictQuery, VerdictReply
 
 Policy = Literal["always_first", "always_second", "always_better"]

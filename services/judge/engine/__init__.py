@@ -1,12 +1,14 @@
-"""The judge engine: protocols (both orders, soft labels, rank, grade, principles), cache, limiter, budgets."""
+"""The judge engine: admission (service), protocols (both orders, rank, grade, principles), the
+verdict caller (cache, single flight, limiter, retries, pricing), validation, budgets."""
 
+from services.judge.clock import Clock, FakeClock, SystemClock
 from services.judge.engine.cache import JudgeCache
-from services.judge.engine.clock import Clock, FakeClock, SystemClock
-from services.judge.engine.config import DEFAULT_PRICES, JudgeEngineConfig
-from services.judge.engine.service import JudgeEngine, JudgeLimits
+from services.judge.engine.config import DEFAULT_PRICES, GRADE_SCALE_BOUNDS, JudgeEngineConfig, JudgeLimits
+from services.judge.engine.service import JudgeEngine
 
 __all__ = [
     "DEFAULT_PRICES",
+    "GRADE_SCALE_BOUNDS",
     "Clock",
     "FakeClock",
     "JudgeCache",

@@ -1,4 +1,4 @@
-"""The judge engine's settings: one frozen object; J3's ``serve judge`` settings map each field to a flag."""
+"""The judge engine's settings and limits: one frozen object; ``serve judge``'s settings map each field to a flag."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 PrincipleMode = Literal["one", "ensemble"]
+
+# Grade verdicts are single tokens: the digits 0..9.
+GRADE_SCALE_BOUNDS = (0, 9)
 
 # USD per 1M tokens (input, output). Matched by exact name, else by the longest prefix
 # ("gpt-4o-2024-08-06" → "gpt-4o"); unknown models and the local backend cost 0.
@@ -54,6 +57,9 @@ class JudgeEngineConfig:
     - ``seed``: seeds retry jitter and the deterministic choices (order for ``single``, principles, pair samples).
     - ``backoff_base_s`` / ``backoff_max_s``: full-jitter backoff: uniform(0, min(max, base * 2**attempt)).
     - ``call_timeout_s``: the engine's own bound on one provider call (None: the backend's timeout).
+    - ``max_items_per_request``: most responses one request may carry (``--max-items-per-request``).
+    - ``max_text_bytes``: longest single text (prompt, message, response, rubric, reference,
+      principle) in UTF-8 bytes (``--max-text-bytes``).
     """
 
     tie_margin: float = 0.05
@@ -76,6 +82,8 @@ class JudgeEngineConfig:
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
     call_timeout_s: float | None = None
+    max_items_per_request: int = 128
+    max_text_bytes: int = 256 * 2**10
 
     def __post_init__(self) -> None:
         if not 0 <= self.tie_margin < 0.5:
@@ -106,6 +114,39 @@ class JudgeEngineConfig:
             raise ValueError("rank_max_pairs must be >= 1")
         if self.backoff_base_s < 0 or self.backoff_max_s < 0:
             raise ValueError("backoff must be >= 0")
+        for name in ("max_items_per_request", "max_text_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+    @property
+    def limits(self) -> JudgeLimits:
+        """The limits this configuration enforces (what ``/v1/models`` reports, with the transport's)."""
+        return JudgeLimits(
+            max_items_per_request=self.max_items_per_request,
+            max_text_bytes=self.max_text_bytes,
+            max_queue_items=self.max_queue_items,
+            max_concurrency=self.max_concurrency,
+            rpm=self.rpm,
+            tpm=self.tpm,
+            max_tokens_total=self.max_tokens_total,
+            rank_max_pairs=self.rank_max_pairs,
+            grade_scale_bounds=GRADE_SCALE_BOUNDS,
+        )
+
+
+@dataclass(frozen=True)
+class JudgeLimits:
+    """The judge engine's limits: what its validation and admission enforce, and ``/v1/models`` reports."""
+
+    max_items_per_request: int
+    max_text_bytes: int
+    max_queue_items: int
+    max_concurrency: int
+    rpm: float | None
+    tpm: float | None
+    max_tokens_total: int | None
+    rank_max_pairs: int
+    grade_scale_bounds: tuple[int, int]  # a scale [lo, hi] needs bounds[0] <= lo < hi <= bounds[1]
 
 
 def price_for(prices: Mapping[str, tuple[float, float]], model: str) -> tuple[float, float]:

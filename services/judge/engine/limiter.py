@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from services.judge.engine.clock import Clock, with_deadline
+from services.judge.clock import Clock, with_deadline
 
 Outcome = Literal["ok", "rate_limited", "error", "unused"]
 

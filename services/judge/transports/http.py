@@ -3,22 +3,29 @@
 Routes: ``POST /v1/compare``, ``POST /v1/rank``, ``POST /v1/grade``, ``GET /v1/models``,
 ``GET /health/live``, ``GET /health/ready``, ``GET /metrics``.
 
+Each route parses its body with the request models (:mod:`services.judge.schemas`: JSON shape and
+types), calls the :class:`JudgeEngine` (which validates the values, the same checks as for gRPC),
+and answers with the body :mod:`services.judge.wire` builds.
+
 The edge behaviour is the reward service's, from :mod:`services.common.http_support`: error bodies
 through the one error table, 422 for schema violations (with the index of the offending
 ``responses[i]`` as ``item``), 400 for invalid JSON/UTF-8 and limits, 413 over
 ``--max-body-bytes``, 429 with ``Retry-After`` (full queue, spent budget), request ids, Bearer
 auth, ``X-Request-Timeout`` deadlines, and a client disconnect cancels the judgment (and with it
 its provider calls). An abstain (upstream judge failed after retries, unparseable replies) is a
-result: HTTP 200 with ``{"abstain": {"reason"}, "judge"?, "usage"?}``.
+result: HTTP 200 with ``{"abstain": {"reason"}, "judge"?, "usage"}``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from services.common.http_support import (
     PROBE_ROUTE_NAMES,
@@ -29,23 +36,19 @@ from services.common.http_support import (
     run_until_disconnect,
 )
 from services.judge.engine.service import JudgeEngine
-from services.judge.schemas import (
-    PARSER,
+from services.judge.schemas import PARSER, CompareRequest, GradeRequest, RankRequest
+from services.judge.settings import JudgeSettings
+from services.judge.wire import (
     AbstainOut,
     CompareOut,
-    CompareRequest,
     GradeOut,
-    GradeRequest,
     ModelList,
     RankOut,
-    RankRequest,
-    RequestLimits,
     compare_body,
     grade_body,
     models_body,
     rank_body,
 )
-from services.judge.settings import JudgeSettings
 
 # Route → metrics label; anything else is "other" (bounded label cardinality).
 ROUTE_NAMES: Mapping[str, str] = {
@@ -55,11 +58,18 @@ ROUTE_NAMES: Mapping[str, str] = {
     **PROBE_ROUTE_NAMES,
 }
 
+# What /openapi.json shows for each route: (method, request body model, 200 body shapes).
+DOCUMENTED: Mapping[str, tuple[str, type[BaseModel] | None, tuple[type[BaseModel], ...]]] = {
+    "/v1/compare": ("post", CompareRequest, (CompareOut, AbstainOut)),
+    "/v1/rank": ("post", RankRequest, (RankOut, AbstainOut)),
+    "/v1/grade": ("post", GradeRequest, (GradeOut, AbstainOut)),
+    "/v1/models": ("get", None, (ModelList,)),
+}
+
 
 def create_http_app(engine: JudgeEngine, settings: JudgeSettings, *, api_key: str | None) -> FastAPI:
     """The judge service's HTTP app. The caller owns the engine's lifecycle (start, drain, stop)."""
     max_body = settings.max_body_bytes
-    limits = RequestLimits.of(settings)
     created = int(time.time())
     app = create_edge_app(
         title="rlhf-feedback judge service",
@@ -70,45 +80,77 @@ def create_http_app(engine: JudgeEngine, settings: JudgeSettings, *, api_key: st
     )
     app.state.engine = engine
 
-    @app.post(
-        "/v1/compare",
-        response_model=CompareOut | AbstainOut,
-        summary="Which of two responses is better: P(a better), winner, consistency (or abstain)",
-    )
+    @app.post("/v1/compare", summary="Which of two responses is better: P(a better), winner, consistency (or abstain)")
     async def compare(request: Request) -> Response:
         deadline = request_deadline(request)
         req = await PARSER.read(request, CompareRequest, max_body)
-        item = limits.check_compare(req.to_engine())
-        result = await run_until_disconnect(request, engine.compare(item, deadline=deadline))
+        result = await run_until_disconnect(request, engine.compare(req.to_engine(), deadline=deadline))
         return OrjsonResponse(compare_body(result))
 
-    @app.post(
-        "/v1/rank",
-        response_model=RankOut | AbstainOut,
-        summary="Bradley-Terry ranking of N responses from pairwise judgments (or abstain)",
-    )
+    @app.post("/v1/rank", summary="Bradley-Terry ranking of N responses from pairwise judgments (or abstain)")
     async def rank(request: Request) -> Response:
         deadline = request_deadline(request)
         req = await PARSER.read(request, RankRequest, max_body)
-        item = limits.check_rank(req.to_engine())
-        result = await run_until_disconnect(request, engine.rank(item, deadline=deadline))
+        result = await run_until_disconnect(request, engine.rank(req.to_engine(), deadline=deadline))
         return OrjsonResponse(rank_body(result))
 
-    @app.post(
-        "/v1/grade",
-        response_model=GradeOut | AbstainOut,
-        summary="A rubric grade of one response, mapped to [0, 1] (or abstain)",
-    )
+    @app.post("/v1/grade", summary="A rubric grade of one response, mapped to [0, 1] (or abstain)")
     async def grade(request: Request) -> Response:
         deadline = request_deadline(request)
         req = await PARSER.read(request, GradeRequest, max_body)
-        item = limits.check_grade(req.to_engine())
-        result = await run_until_disconnect(request, engine.grade(item, deadline=deadline))
+        result = await run_until_disconnect(request, engine.grade(req.to_engine(), deadline=deadline))
         return OrjsonResponse(grade_body(result))
 
-    @app.get("/v1/models", response_model=ModelList, summary="The judge (backend, model, template hash) and limits")
+    @app.get("/v1/models", summary="The judge (backend, model, template hash) and limits")
     async def models() -> Response:
-        return OrjsonResponse(models_body(engine.info, limits.body(engine.limits), created=created))
+        return OrjsonResponse(models_body(engine.info, engine.limits, max_body_bytes=max_body, created=created))
 
     add_probe_routes(app, engine, engine.metrics.registry, state=lambda: engine.state.value, what="the judge")
+    _document_bodies(app, DOCUMENTED)
     return app
+
+
+_REF = "#/components/schemas/{model}"
+
+
+def _document_bodies(
+    app: FastAPI, routes: Mapping[str, tuple[str, type[BaseModel] | None, tuple[type[BaseModel], ...]]]
+) -> None:
+    """Show the request and 200 bodies of ``routes`` in /openapi.json.
+
+    FastAPI cannot see them: the routes read their bodies themselves (bounded, strict, big ones off
+    the event loop) and answer with :class:`OrjsonResponse`, not a ``JSONResponse``.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        models: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {}
+        for _, request, shapes in routes.values():
+            if request is not None:
+                models[request, "validation"] = None
+            models.update(dict.fromkeys((shape, "serialization") for shape in shapes))
+        _, defs = models_json_schema(list(models), ref_template=_REF)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        for path, (method, request, shapes) in routes.items():
+            operation = schema["paths"][path][method]
+            if request is not None:
+                operation["requestBody"] = {"required": True, "content": _json(_ref(request))}
+            operation["responses"]["200"]["content"] = _json(_one_of(shapes))
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, Any]:
+    return {"$ref": _REF.format(model=model.__name__)}
+
+
+def _one_of(shapes: Sequence[type[BaseModel]]) -> dict[str, Any]:
+    return _ref(shapes[0]) if len(shapes) == 1 else {"anyOf": [_ref(s) for s in shapes]}

@@ -1,7 +1,9 @@
-"""Time for the judge engine: one injectable clock, so rate-limit tests run in virtual time.
+"""Time for the judge service: one injectable clock, so rate-limit tests run in virtual time.
 
 Deadlines handed to the engine are read on the engine's clock; :class:`SystemClock` uses
 ``time.monotonic`` (what the transports use to turn ``X-Request-Timeout`` into a deadline).
+A low layer of the judge: the engine (limiter, verdict caller) and the backends (the scripted
+fake's latency) both read it, and it imports nothing of the judge.
 """
 
 from __future__ import annotations
