@@ -61,7 +61,7 @@ class PreferencePair:
 
 def hh_pairs(data_dir: Path, n: int, *, seed: int = 0) -> list[PreferencePair]:
     """``n`` pairs drawn (seeded) from the HH-RLHF helpful-base and harmless-base test files."""
-    from rlhf_train.reward_head import load_pairs
+    from rlhf_train.hh_rlhf import load_pairs
 
     try:
         pairs, _ = load_pairs(data_dir)

@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from rlhf_train.cli_env import EnvDefaults
+
 ENV_PREFIX = "RLHF_FEEDBACK_BENCH_JUDGE_"
+_env = EnvDefaults(ENV_PREFIX)
 DEFAULT_DATA = Path("../shared/data/hh-rlhf")
 # The done-when thresholds (reported in the JSON; --check turns a miss into exit 1).
 MIN_SPEEDUP = 5.0
 MIN_SHARE = 0.95
-
-
-def _env(name: str, default: Any) -> Any:
-    return os.environ.get(ENV_PREFIX + name.upper(), default)
 
 
 def register(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -60,7 +60,7 @@ class BenchInputError(ValueError):
 
 def load_hh_pairs(data_dir: Path, n: int, *, seed: int = 0) -> list[JudgePair]:
     """``n`` HH-RLHF test pairs (both files), a seeded sample; chosen first."""
-    from rlhf_train.reward_head import load_pairs
+    from rlhf_train.hh_rlhf import load_pairs
 
     try:
         pairs, _skipped = load_pairs(data_dir)

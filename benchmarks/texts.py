@@ -14,7 +14,6 @@ turns from the left until every item fits the cap.
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 import random
 from collections.abc import Sequence
@@ -22,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HH_FILES = ("helpful-base", "harmless-base")
 DEFAULT_DATA_DIR = Path("../shared/data/hh-rlhf")
 
 
@@ -61,22 +59,13 @@ class GrpoGroup:
 @functools.lru_cache(maxsize=2)
 def _hh_rows(data_dir: Path) -> list[tuple[tuple[tuple[str, str], ...], str, str]]:
     """(prompt messages, chosen, rejected) of every parseable HH row, in file order (parsed once)."""
-    from rlhf_train.reward_head import Malformed, parse_pair
+    from rlhf_train.hh_rlhf import load_pairs
 
-    rows = []
-    for name in HH_FILES:
-        path = data_dir / f"{name}.test.jsonl.gz"
-        if not path.is_file():
-            raise TextsError(f"{path} is missing (expected the HH-RLHF test files in {data_dir}; see --data-dir)")
-        with gzip.open(path, "rt", encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    row = json.loads(line)
-                    prompt, chosen, rejected = parse_pair(row["chosen"], row["rejected"])
-                except (Malformed, KeyError, TypeError, json.JSONDecodeError):
-                    continue
-                rows.append((tuple((m.role, m.content) for m in prompt), chosen, rejected))
-    return rows
+    try:
+        pairs, _skipped = load_pairs(data_dir)
+    except FileNotFoundError as exc:
+        raise TextsError(f"{exc}; see --data-dir") from None
+    return [(tuple((m.role, m.content) for m in p.prompt), p.chosen, p.rejected) for p in pairs]
 
 
 def _jsonl_conversations(path: Path) -> list[list[dict[str, str]] | str]:

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import email.utils
 import json
-import os
 import random
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from rlhf_train.cli_env import EnvDefaults, add_api_key, add_required
 from rlhf_train.eval.judge_eval import (
     DEFINITIONS,
     FORMATS,
@@ -43,12 +43,9 @@ from rlhf_train.eval.judge_eval import (
 from services import __version__
 
 ENV_PREFIX = "RLHF_FEEDBACK_JUDGE_EVAL_"
+_env = EnvDefaults(ENV_PREFIX)
 PROTOCOLS = ("both_orders", "single")
 RETRY_STATUS = frozenset({429, 502, 503, 504})
-
-
-def _env(name: str, default: Any) -> Any:
-    return os.environ.get(ENV_PREFIX + name.upper(), default)
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,20 +57,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "length bias and calibration (Brier, ECE, a reliability PNG), for each protocol side by side. "
         f"Every flag also reads an environment variable {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}JUDGE).",
     )
-    judge = _env("judge", None)
-    data = _env("data", None)
-    fmt = _env("format", None)
-    p.add_argument(
-        "--judge", default=judge, required=judge is None, help="Judge service base URL, e.g. http://127.0.0.1:8001."
-    )
-    p.add_argument(
-        "--data", type=Path, default=data, required=data is None, help="Data file (LLMBar: a file or its folder)."
-    )
-    p.add_argument(
+    add_required(p, _env, "--judge", help="Judge service base URL, e.g. http://127.0.0.1:8001.")
+    add_required(p, _env, "--data", type=Path, help="Data file (LLMBar: a file or its folder).")
+    add_required(
+        p,
+        _env,
         "--format",
         choices=FORMATS,
-        default=fmt,
-        required=fmt is None,
         help="pandalm: PandaLM testset-v1.json; llmbar: LLMBar_*.json or their folder; hh-rlhf: chosen/rejected "
         "dialogues (.jsonl[.gz]); jsonl: {prompt, response_a, response_b, label: a|b|tie}.",
     )
@@ -117,17 +107,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=float(_env("max_retry_wait", 60.0)),
         help="Longest wait between retries, whatever Retry-After says.",
     )
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("RLHF_FEEDBACK_API_KEY"),
-        help="Sent as 'Authorization: Bearer KEY' (default: RLHF_FEEDBACK_API_KEY).",
-    )
-    p.add_argument(
-        "--quiet",
-        action="store_true",
-        default=str(_env("quiet", "")).lower() in ("1", "true", "yes"),
-        help="No progress bar.",
-    )
+    add_api_key(p)
+    p.add_argument("--quiet", action="store_true", default=_env.flag("quiet"), help="No progress bar.")
     p.set_defaults(run=run)
 
 

@@ -61,6 +61,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rlhf_train import hh_rlhf
+from services.runtime.chat import ChatMessage
+
 Label = Literal["a", "b", "tie"]
 Format = Literal["pandalm", "llmbar", "hh-rlhf", "jsonl"]
 FORMATS: tuple[str, ...] = ("pandalm", "llmbar", "hh-rlhf", "jsonl")
@@ -312,72 +315,26 @@ def load_llmbar(path: Path) -> Dataset:
     return Dataset(name=name, format="llmbar", examples=examples)
 
 
-_HUMAN, _ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+def _as_messages(messages: Iterable[ChatMessage]) -> list[Message]:
+    return [{"role": m.role, "content": m.content} for m in messages]
 
 
 def parse_hh_dialogue(text: str) -> list[Message]:
-    """``\\n\\nHuman: ...\\n\\nAssistant: ...`` into messages (Human -> user, Assistant -> assistant).
-
-    The one space after each speaker tag belongs to the format and is dropped; the rest is verbatim.
-    Text before the first tag, if any, opens the first user message.
-    """
-    messages: list[Message] = []
-    pos, lead = 0, ""
-    markers = ((_HUMAN, "user"), (_ASSISTANT, "assistant"))
-    while True:
-        hits = [(text.find(tag, pos), tag, role) for tag, role in markers]
-        hits = [h for h in hits if h[0] >= 0]
-        if not hits:
-            break
-        start, tag, role = min(hits)
-        if messages:
-            messages[-1]["content"] = text[pos:start]
-        else:
-            lead = text[pos:start]
-        pos = start + len(tag)
-        if text.startswith(" ", pos):
-            pos += 1
-        messages.append({"role": role, "content": ""})
-    if messages:
-        messages[-1]["content"] = text[pos:]
-        if lead:
-            messages[0]["content"] = lead + messages[0]["content"]
-    elif text:
-        messages.append({"role": "user", "content": text})
-    return messages
-
-
-def _common_prefix(x: str, y: str) -> str:
-    n = min(len(x), len(y))
-    for i in range(n):
-        if x[i] != y[i]:
-            return x[:i]
-    return x[:n]
-
-
-def split_hh_pair(chosen: str, rejected: str) -> tuple[list[Message], str, str] | None:
-    """(prompt messages, chosen final turn, rejected final turn), or None when the pair has no
-    shared prefix ending in an assistant tag or a response runs on into further turns."""
-    common = _common_prefix(chosen, rejected)
-    cut = common.rfind(_ASSISTANT)
-    if cut < 0:
-        return None
-    start = cut + len(_ASSISTANT)
-    first, second = chosen[start:], rejected[start:]
-    first, second = first.removeprefix(" "), second.removeprefix(" ")
-    if any(tag in r for r in (first, second) for tag in (_HUMAN, _ASSISTANT)):
-        return None
-    return parse_hh_dialogue(chosen[:cut]), first, second
+    """An HH-RLHF dialogue as messages, by :func:`rlhf_train.hh_rlhf.parse_dialogue` with judge-eval's
+    rules (turns need not alternate, a turn may be empty); :class:`~rlhf_train.hh_rlhf.Malformed`
+    unless it starts with ``\\n\\nHuman:``."""
+    return _as_messages(hh_rlhf.parse_dialogue(text, chat_form=False))
 
 
 def load_hh_rlhf(path: Path, *, seed: int = 0) -> Dataset:
     """HH-RLHF ``{"chosen", "rejected"}`` dialogues (.jsonl or .jsonl.gz).
 
-    The prompt is the shared dialogue up to the last ``\\n\\nAssistant:``, as messages; the
-    responses are the two final assistant turns. The chosen one goes to position a for a seeded
-    half of the rows (a hash of the seed and the pair) and to b for the rest, so the label is not
-    always "a". Skipped (and counted): pairs with no shared prefix, whose responses run on into
-    further turns, or whose final turns are identical.
+    Parsed by :func:`rlhf_train.hh_rlhf.parse_pair` with judge-eval's rules: the prompt is the
+    shared dialogue up to the last ``\\n\\nAssistant:``, as messages; the responses are the two
+    final assistant turns, which may be empty (the judge judges an empty answer) but may not run on
+    into further turns. The chosen one goes to position a for a seeded half of the rows (a hash of
+    the seed and the pair) and to b for the rest, so the label is not always "a". Rows the parser
+    rejects are skipped and counted by its reason.
     """
     examples, skipped = [], Counter[str]()
     for i, row in enumerate(_read_json_or_jsonl(path), 1):
@@ -385,14 +342,12 @@ def load_hh_rlhf(path: Path, *, seed: int = 0) -> Dataset:
         if not isinstance(row, dict):
             raise DatasetError(f"{where}: expected an object")
         chosen, rejected = _need_str(row, "chosen", where), _need_str(row, "rejected", where)
-        split = split_hh_pair(chosen, rejected)
-        if split is None:
-            skipped["dialogues diverge before the final assistant turn"] += 1
+        try:
+            parsed, good, bad = hh_rlhf.parse_pair(chosen, rejected, chat_form=False, single_turn=True)
+        except hh_rlhf.Malformed as exc:
+            skipped[str(exc)] += 1
             continue
-        messages, good, bad = split
-        if good == bad:
-            skipped["identical final turns"] += 1
-            continue
+        messages = _as_messages(parsed)
         chosen_first = seeded_coin(seed, "hh-position", json.dumps([chosen, rejected], ensure_ascii=False))
         a, b = (good, bad) if chosen_first else (bad, good)
         examples.append(

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf_train.cli_env import EnvDefaults
+from rlhf_train.jobs.flags import add_request_flags, add_service_io
 from rlhf_train.jobs.io import (
     InputError,
     JobError,
@@ -617,31 +619,17 @@ def _run(args: argparse.Namespace) -> int:
 # -- the parser ------------------------------------------------------------------------------------
 
 ENV_PREFIX = "RLHF_FEEDBACK_LABEL_"
-
-
-def _env(name: str, default: Any) -> Any:
-    return os.environ.get(ENV_PREFIX + name.upper(), default)
+_env = EnvDefaults(ENV_PREFIX)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    judge, inp, out = _env("judge", None), _env("input", None), _env("output", None)
-    p.add_argument(
-        "--judge",
-        default=judge,
-        required=judge is None,
-        help="Judge service URL: http(s)://host:port or grpc(s)://host:port (several: comma-separated).",
-    )
-    p.add_argument(
-        "--input",
-        default=inp,
-        required=inp is None,
-        help="Rows {prompt, completions: [>= 2]} or {prompt, chosen, rejected}: .jsonl, .json or .parquet.",
-    )
-    p.add_argument(
-        "--output",
-        default=out,
-        required=out is None,
-        help="Preference pairs in TRL's conversational format; .jsonl or .parquet (from the extension).",
+    add_service_io(
+        p,
+        _env,
+        service="judge",
+        service_help="Judge service URL: http(s)://host:port or grpc(s)://host:port (several: comma-separated).",
+        input_help="Rows {prompt, completions: [>= 2]} or {prompt, chosen, rejected}: .jsonl, .json or .parquet.",
+        output_help="Preference pairs in TRL's conversational format; .jsonl or .parquet (from the extension).",
     )
     p.add_argument(
         "--rejects",
@@ -680,25 +668,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=_env("dataset_name", None),
         help="The dataset_info.json entry's name (default: the output's stem).",
     )
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("RLHF_FEEDBACK_API_KEY"),
-        help="Sent as 'Authorization: Bearer KEY' (default: RLHF_FEEDBACK_API_KEY).",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=float(_env("timeout", 300.0)),
-        help="Seconds one judge request may take (per attempt).",
-    )
-    p.add_argument(
-        "--max-retries",
-        type=int,
-        default=int(_env("max_retries", 8)),
-        help="Retries of a request on overload / unavailability before its row counts as failed.",
-    )
-    p.add_argument("--restart", action="store_true", help="Ignore (delete) earlier progress and outputs; start over.")
-    p.add_argument("--quiet", action="store_true", help="No progress bar.")
+    add_request_flags(p, _env, request="judge", timeout=300.0, failed="its row counts", outputs="outputs")
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

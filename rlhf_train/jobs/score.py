@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 from collections import Counter
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf_train.cli_env import EnvDefaults
+from rlhf_train.jobs.flags import add_request_flags, add_service_io
 from rlhf_train.jobs.io import (
     InputError,
     JobError,
@@ -373,32 +374,18 @@ def _run(args: argparse.Namespace) -> int:
 # -- the parser ------------------------------------------------------------------------------------
 
 ENV_PREFIX = "RLHF_FEEDBACK_SCORE_"
-
-
-def _env(name: str, default: Any) -> Any:
-    return os.environ.get(ENV_PREFIX + name.upper(), default)
+_env = EnvDefaults(ENV_PREFIX)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    reward, inp, out = _env("reward", None), _env("input", None), _env("output", None)
-    p.add_argument(
-        "--reward",
-        default=reward,
-        required=reward is None,
-        help="Reward service URL: http(s)://host:port, grpc(s)://host:port or dns:///name:port "
+    add_service_io(
+        p,
+        _env,
+        service="reward",
+        service_help="Reward service URL: http(s)://host:port, grpc(s)://host:port or dns:///name:port "
         "(several: comma-separated; chunks are spread over them).",
-    )
-    p.add_argument(
-        "--input",
-        default=inp,
-        required=inp is None,
-        help="Rows {prompt, completions | response | chosen+rejected}: .jsonl, .json or .parquet.",
-    )
-    p.add_argument(
-        "--output",
-        default=out,
-        required=out is None,
-        help="The rows with scores, score_errors and reward_model added; .jsonl or .parquet.",
+        input_help="Rows {prompt, completions | response | chosen+rejected}: .jsonl, .json or .parquet.",
+        output_help="The rows with scores, score_errors and reward_model added; .jsonl or .parquet.",
     )
     p.add_argument("--concurrency", type=int, default=int(_env("concurrency", 4)), help="Batches in flight.")
     p.add_argument(
@@ -413,25 +400,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=_env("priority", "batch"),
         help="Queue priority on the service: batch (yields to online trainer traffic) or online.",
     )
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("RLHF_FEEDBACK_API_KEY"),
-        help="Sent as 'Authorization: Bearer KEY' (default: RLHF_FEEDBACK_API_KEY).",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=float(_env("timeout", 120.0)),
-        help="Seconds one scoring request may take (per attempt).",
-    )
-    p.add_argument(
-        "--max-retries",
-        type=int,
-        default=int(_env("max_retries", 8)),
-        help="Retries of a request on overload / unavailability before its rows count as failed.",
-    )
-    p.add_argument("--restart", action="store_true", help="Ignore (delete) earlier progress and output; start over.")
-    p.add_argument("--quiet", action="store_true", help="No progress bar.")
+    add_request_flags(p, _env, request="scoring", timeout=120.0, failed="its rows count", outputs="output")
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

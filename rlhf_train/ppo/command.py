@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rlhf_train.cli_env import EnvDefaults, add_api_key, add_required
+
 ENV_PREFIX = "RLHF_FEEDBACK_PPO_"
-
-
-def _env(name: str, default: Any) -> Any:
-    # argparse converts a string default with the option's type, so a bad value exits 2 like a bad flag.
-    return os.environ.get(ENV_PREFIX + name.upper(), default)
+# Defaults stay text here: argparse converts a text default with the option's type, so a bad
+# value exits 2 like a bad flag.
+_env = EnvDefaults(ENV_PREFIX)
 
 
 def _urls(value: str | None) -> str | list[str] | None:
@@ -38,20 +38,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--rubric", default=_env("rubric", None), help="With --judge-url: the rubric the judge grades by.")
 
     io = p.add_argument_group("data and outputs")
-    prompts = _env("prompts", None)
-    io.add_argument(
+    add_required(
+        io,
+        _env,
         "--prompts",
         type=Path,
-        default=prompts,
-        required=prompts is None,
         help='JSONL rows {"prompt": str | [messages]}; rendered with the policy\'s chat template.',
     )
-    out = _env("out", None)
-    io.add_argument(
+    add_required(
+        io,
+        _env,
         "--out",
         type=Path,
-        default=out,
-        required=out is None,
         help="Output folder: checkpoints/step-N/ (policy/ loads with from_pretrained) and log.jsonl.",
     )
     io.add_argument("--log", type=Path, default=_env("log", None), help="Per-step JSONL log (default <out>/log.jsonl).")
@@ -102,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ppo.add_argument(
         "--whiten-rewards",
         action="store_true",
-        default=str(_env("whiten_rewards", "")).lower() in ("1", "true", "yes"),
+        default=_env.flag("whiten_rewards"),
         help="Normalise each batch's scores to zero mean and unit std before use.",
     )
     ppo.add_argument(
@@ -123,11 +121,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     run = p.add_argument_group("runtime")
     run.add_argument("--threads", type=int, default=_env("threads", None), help="torch intra-op threads.")
-    run.add_argument(
-        "--api-key",
-        default=os.environ.get("RLHF_FEEDBACK_API_KEY"),
-        help="Sent as 'Authorization: Bearer KEY' (default: RLHF_FEEDBACK_API_KEY).",
-    )
+    add_api_key(run)
     run.add_argument(
         "--timeout", type=float, default=_env("timeout", 120.0), help="Seconds per scoring request attempt."
     )

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from rlhf_train.cli_env import EnvDefaults, add_required
+
 ENV_PREFIX = "RLHF_FEEDBACK_TRAIN_RM_"
-
-
-def _env(name: str, default: Any) -> Any:
-    return os.environ.get(ENV_PREFIX + name.upper(), default)
-
-
-def _flag(name: str) -> bool:
-    return str(_env(name, "")).strip().lower() in ("1", "true", "yes", "on")
+_env = EnvDefaults(ENV_PREFIX)
 
 
 def _l2_grid(text: str) -> tuple[float, ...]:
@@ -31,24 +25,23 @@ def _l2_grid(text: str) -> tuple[float, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from rlhf_train.reward_head import DEFAULT_L2_GRID
+    from rlhf_train.rm.bradley_terry import DEFAULT_L2_GRID
 
-    data, out = _env("data", None), _env("out", None)
     io = p.add_argument_group("data and output")
-    io.add_argument(
+    add_required(
+        io,
+        _env,
         "--data",
         type=Path,
-        default=data,
-        required=data is None,
         help="TRL preference rows (.jsonl, .json or .parquet): {prompt, chosen, rejected} as `rlhf-feedback label` "
         "writes them, or implicit-prompt rows (chosen/rejected are whole conversations or texts). A folder is read "
         "as the HH-RLHF test files (helpful-base, harmless-base).",
     )
-    io.add_argument(
+    add_required(
+        io,
+        _env,
         "--out",
         type=Path,
-        default=out,
-        required=out is None,
         help="Output folder: a sequence-classification checkpoint that `rlhf-feedback serve reward --model OUT` "
         "loads (or, with --head-only, head.safetensors), plus metrics.json.",
     )
@@ -65,14 +58,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument(
         "--head-only",
         action="store_true",
-        default=_flag("head_only"),
+        default=_env.flag("head_only"),
         help="With --freeze-backbone: write only the head (head.safetensors, metrics.json, MODEL_CARD.md) in the "
         "format of the default reward head, to assemble with its backbone.",
     )
     io.add_argument(
         "--use-margin",
         action="store_true",
-        default=_flag("use_margin"),
+        default=_env.flag("use_margin"),
         help="Use every row's 'margin' in the loss: -logsigmoid(r_chosen - r_rejected - margin) (TRL RewardTrainer).",
     )
 
@@ -97,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     frozen.add_argument(
         "--freeze-backbone",
         action="store_true",
-        default=_flag("freeze_backbone"),
+        default=_env.flag("freeze_backbone"),
         help="Compute last-token features once (cached on disk) and fit only a linear head. "
         "Without it: full fine-tuning.",
     )
@@ -151,7 +144,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--threads", type=int, default=_env("threads", None), help="torch CPU threads (default: torch's choice)."
     )
-    run.add_argument("--quiet", action="store_true", default=_flag("quiet"), help="No progress bars or log lines.")
+    run.add_argument("--quiet", action="store_true", default=_env.flag("quiet"), help="No progress bars or log lines.")
 
 
 def options_from_args(args: argparse.Namespace) -> Any:

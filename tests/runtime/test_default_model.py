@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlhf_train.reward_head import Malformed, parse_pair, split_of
+from rlhf_train.hh_rlhf import Malformed, parse_pair
+from rlhf_train.rm.data import split_of
 from services.runtime import default_model
 from services.runtime.chat import ChatMessage
 from services.runtime.items import RewardInput

@@ -442,6 +442,7 @@ def fake_judge() -> Iterator[tuple[str, dict[str, Any]]]:
         sock.close()
 
 
+@pytest.mark.slow  # ~1 s
 def test_judge_eval_end_to_end(
     tmp_path: Path, fake_judge: tuple[str, dict[str, Any]], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -155,6 +155,7 @@ def _cfg(policy_dir: Path, prompts: Path, out: Path, url: str | None, **kw: Any)
     return PPOConfig(**base)
 
 
+@pytest.mark.slow  # 1-2 s
 def test_reward_rises_kl_finite_and_scoring_hidden(policy_dir, prompts_file, stand_in, tmp_path):
     server = stand_in(latency_s=0.1)
     summary = run_ppo(_cfg(policy_dir, prompts_file, tmp_path / "run", server.url, max_new_tokens=24, steps=15))
@@ -233,6 +234,7 @@ def _params(model: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow  # 1-2 s
 def test_checkpoint_resume_continues_exactly(policy_dir, prompts_file, stand_in, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -304,3 +304,23 @@ def test_bad_input_is_a_one_line_error(
     assert err.startswith("rlhf-feedback train rm: ") and "\n" not in err
     assert message in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_recorded_reproduce_command_is_a_head_only_train_rm_with_the_committed_heads_settings() -> None:
+    import argparse
+    import shlex
+
+    from rlhf_train.rm import command
+    from services.runtime import default_model
+
+    recorded = json.loads((default_model.HEAD_DIR / "metrics.json").read_text())["reproduce"]
+    words = shlex.split(recorded)
+    assert words[:3] == ["rlhf-feedback", "train", "rm"]
+    assert f"\n{recorded}\n" in (default_model.HEAD_DIR / "MODEL_CARD.md").read_text()
+    p = argparse.ArgumentParser()
+    command.add_arguments(p)
+    opts = command.options_from_args(p.parse_args(words[3:]))
+    assert (opts.freeze_backbone, opts.head_only, opts.dtype, opts.max_length) == (True, True, "bfloat16", 512)
+    # The committed head's bf16 features were extracted in batches of <= 3072 tokens on 2 CPU threads;
+    # another batch budget changes bf16 features, hence the head's bytes.
+    assert (opts.batch_tokens, opts.threads, opts.device) == (3072, 2, "cpu")
