@@ -46,5 +46,9 @@ check-protos: $(STAMP)
 test: $(STAMP) lint lint-imports typecheck check-protos
 	$(VENV)/bin/pytest -q -ra --durations=15
 
+# the suite without the `slow` tests (processes, real models, >1 s): under a minute; no lint or type-check
+test-fast: $(STAMP)
+	@TIMEFORMAT='make test-fast: %1R s wall'; time $(VENV)/bin/pytest -q -m "not slow"
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -33,7 +33,8 @@ from clients import (
 )
 from protos.rlhf.v1 import judge_pb2 as jpb
 from protos.rlhf.v1 import judge_pb2_grpc as jpb_grpc
-from tests.clients.cases import BackgroundLoop, SyncApi, metadata_dict, start_uvicorn, stop_uvicorn
+from tests.support.client_cases import SyncApi
+from tests.support.servers import BackgroundLoop, metadata_dict, start_uvicorn, stop_uvicorn
 
 pytestmark = pytest.mark.timeout(30)
 

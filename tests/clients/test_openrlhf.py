@@ -23,7 +23,7 @@ from services.reward.engine.service import RewardEngine
 from services.reward.settings import RewardSettings
 from services.reward.transports.http import create_http_app
 from services.runtime.backends.torch_backend import TorchRewardBackend
-from tests.clients.cases import BOOM, BackgroundLoop, RewardServer, start_reward_server
+from tests.support.servers import BOOM, BackgroundLoop, RewardServer, start_reward_server
 from tests.support.tiny_causal import make_tiny_causal_llama
 
 CONVERSATIONS = [

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from clients import AsyncRewardClient, RewardClient, ScoreResults
-from tests.clients.cases import Servers, texts
+from tests.support.client_cases import Servers, texts
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,6 +40,7 @@ def async_score_in_child(client: AsyncRewardClient, items: list[str]) -> list[fl
     return asyncio.run(main())
 
 
+@pytest.mark.slow  # a spawned interpreter
 @pytest.mark.parametrize("transport", ["http", "grpc"])
 def test_reward_client_in_a_spawned_process(servers: Servers, transport: str) -> None:
     client = RewardClient(servers.main.url(transport), chunk_size=8, api_key="not-needed")

@@ -1,6 +1,6 @@
 """AsyncRewardClient against the reward service (HTTP and gRPC) and scripted fakes.
 
-Mirrors tests/clients/test_reward_sync.py: both run every case of tests/clients/cases.py.
+Mirrors tests/clients/test_reward_sync.py: both run every case of tests/support/client_cases.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 
 from clients import AsyncRewardClient
-from tests.clients.cases import CASES, Env, Servers
+from tests.support.client_cases import CASES, Env, Servers, case_params
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,7 +39,7 @@ async def make_client() -> AsyncIterator[Callable[..., Any]]:
 
 
 @pytest.mark.parametrize("transport", ["http", "grpc"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", case_params())
 async def test_async_reward_client(case: str, transport: str, servers: Servers, make_client: Any) -> None:
     env = Env(transport, servers.bg, servers.main, servers.shed, make_client)
     await CASES[case](env)

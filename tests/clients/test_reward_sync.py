@@ -1,6 +1,6 @@
 """RewardClient (sync) against the reward service (HTTP and gRPC) and scripted fakes.
 
-Mirrors tests/clients/test_reward_async.py: both run every case of tests/clients/cases.py. The sync
+Mirrors tests/clients/test_reward_async.py: both run every case of tests/support/client_cases.py. The sync
 client's blocking methods run in a worker thread (as a trainer calls them), so that the shared,
 awaiting case code can drive both twins.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from clients import AsyncJudgeClient, AsyncRewardClient, JudgeClient, RewardClient
-from tests.clients.cases import CASES, Env, Servers, SyncApi
+from tests.support.client_cases import CASES, Env, Servers, SyncApi, case_params
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,7 +41,7 @@ def make_client() -> Iterator[Callable[..., Any]]:
 
 
 @pytest.mark.parametrize("transport", ["http", "grpc"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", case_params())
 async def test_sync_reward_client(case: str, transport: str, servers: Servers, make_client: Any) -> None:
     env = Env(transport, servers.bg, servers.main, servers.shed, make_client)
     await CASES[case](env)

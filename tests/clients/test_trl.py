@@ -14,71 +14,22 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
 from clients import InvalidRequestError, RewardClient
 from clients.integrations import TooManyFailuresError
 from clients.integrations.trl import AsyncRemoteJudgeReward, AsyncRemoteReward, RemoteJudgeReward, RemoteReward
 from clients.process import ServerProcess
 from clients.types import ScoreResults
-from tests.clients.cases import BackgroundLoop, RewardServer, start_reward_server, start_uvicorn, stop_uvicorn
+from tests.support.servers import (
+    BackgroundLoop,
+    FakeReward,
+    RewardServer,
+    start_reward_server,
+    start_uvicorn,
+    stop_uvicorn,
+)
 
 # -- in-process servers ------------------------------------------------------------------------------
-
-
-def _response_of(item: dict[str, Any]) -> str:
-    if "response" in item:
-        return str(item["response"])
-    if "text" in item:
-        return str(item["text"])
-    return str(item["messages"][-1]["content"])
-
-
-class FakeReward:
-    """A reward server that scores ``len(response)``, fails items whose response contains
-    ``FAIL`` (per-item error), answers 500 when one contains ``HTTP500`` and 400 for ``HTTP400``;
-    it records every /v1/score body."""
-
-    def __init__(self, bg: BackgroundLoop) -> None:
-        self.bg = bg
-        self.bodies: list[dict[str, Any]] = []
-        app = FastAPI()
-
-        @app.get("/v1/models")
-        async def models() -> Any:
-            limits = {
-                "max_items_per_request": 64,
-                "max_body_bytes": 1 << 20,
-                "max_text_bytes": 1 << 16,
-                "max_batch_tokens": 4096,
-            }
-            return {"data": [{"id": "fake-rm", "revision": "r1", "limits": limits}]}
-
-        @app.post("/v1/score")
-        async def score(request: Request) -> Any:
-            body = await request.json()
-            self.bodies.append(body)
-            responses = [_response_of(x) for x in body["inputs"]]
-            if any("HTTP500" in r for r in responses):
-                return JSONResponse({"error": {"code": "INTERNAL", "message": "bug"}}, status_code=500)
-            if any("HTTP400" in r for r in responses):
-                return JSONResponse({"error": {"code": "INVALID_ARGUMENT", "message": "bad item"}}, status_code=400)
-            results = [
-                {"error": {"code": "DEADLINE_EXCEEDED", "message": "too slow"}}
-                if "FAIL" in r
-                else {"score": float(len(r)), "num_tokens": len(r), "truncated": False}
-                for r in responses
-            ]
-            return {"model": {"id": "fake-rm", "revision": "r1"}, "results": results}
-
-        self.server, self.task, self.port = bg.run(start_uvicorn(app))
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.bg.run(stop_uvicorn(self.server, self.task))
 
 
 class FakeJudge:
@@ -288,6 +239,7 @@ def _score_in_child(payload: bytes, queue: Any) -> None:
         queue.put(repr(exc))
 
 
+@pytest.mark.slow  # a spawned interpreter
 @pytest.mark.timeout(120)
 def test_pickled_into_a_spawned_process(fake: FakeReward) -> None:
     fn = RemoteReward(fake.url, name="rm-in-child")

@@ -23,8 +23,7 @@ import pytest
 
 from clients.integrations import RewardUnavailableError
 from clients.integrations import verl as verl_mod
-from tests.clients.cases import BackgroundLoop, RewardServer, start_reward_server
-from tests.clients.test_trl import FakeReward
+from tests.support.servers import BackgroundLoop, FakeReward, RewardServer, start_reward_server
 
 
 @pytest.fixture(scope="module")

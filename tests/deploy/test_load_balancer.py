@@ -39,8 +39,8 @@ import pytest
 
 from clients import RewardClient
 from clients.process import ServerProcess, free_port
-from tests.deploy.test_replica_restart import reference_scores, texts
 from tests.support.paths import ROOT
+from tests.support.workload import reference_scores, texts
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -265,9 +265,8 @@ def start_replicas(model_dir: Path, tmp_path: Path) -> list[ServerProcess]:
 
 @pytest.fixture
 def items() -> list[str]:
-    from tests.deploy import test_replica_restart
-
-    return [f"lb {t}" for t in texts()] + [f"lb2 {t}" for t in texts()][: N - test_replica_restart.N]
+    first = 2000  # the texts of test_replica_restart, each prefixed here
+    return [f"lb {t}" for t in texts(first)] + [f"lb2 {t}" for t in texts(N - first)]
 
 
 @pytest.mark.parametrize("transport", ["http", "grpc"])

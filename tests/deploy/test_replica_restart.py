@@ -29,7 +29,7 @@ import pytest
 
 from clients import RewardClient, ScoreResults
 from clients.process import ServerProcess
-from tests.support.tiny_models import CORPUS
+from tests.support.workload import reference_scores, texts
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -38,28 +38,6 @@ REPLICA_FLAGS = [
     "--max-queue-items", "8", "--max-items-per-request", "8", "--max-batch-tokens", "512", "--max-wait-ms", "100",
     "--threads", "1", "--drain-seconds", "1", "--log-level", "warning",
 ]  # fmt: skip
-
-
-def texts() -> list[str]:
-    pool = " ".join(CORPUS[:6]).split()
-    return [f"item {i}: " + " ".join(pool[(7 * i + j) % len(pool)] for j in range(4 + i % 7)) for i in range(N)]
-
-
-def reference_scores(model_dir: Path, items: list[str]) -> list[float]:
-    """Each text alone through ``transformers`` (``add_special_tokens=False``, as ``text`` items are)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    torch.set_num_threads(1)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    out = []
-    with torch.inference_mode():
-        for t in items:
-            ids = tok(t, add_special_tokens=False)["input_ids"]
-            assert len(ids) < model.config.max_position_embeddings  # no truncation in play
-            out.append(float(model(input_ids=torch.tensor([ids])).logits[0, 0]))
-    return out
 
 
 def replica(model_dir: Path, log: Path, ports: tuple[int, int] | None = None) -> ServerProcess:
@@ -97,7 +75,7 @@ def test_every_score_exactly_once_through_shedding_and_a_replica_restart(
     transport: str, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     """Measured here: ~35 s each (two replicas start in ~8 s; the run ~20 s)."""
-    items = texts()
+    items = texts(N)
     a = replica(tiny_llama_dir, tmp_path / "a.log")
     b = replica(tiny_llama_dir, tmp_path / "b.log")
     servers = [a, b]

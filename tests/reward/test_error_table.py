@@ -402,6 +402,7 @@ async def test_judge_bug_is_generic_with_details_only_in_the_log(
         assert "secret internal detail" in caplog.text
 
 
+@pytest.mark.slow  # the judge's jittered retry backoff: up to ~1 s
 @pytest.mark.parametrize("method", list(JUDGE_ROUTES))
 async def test_judge_upstream_failure_is_an_abstain_on_both_transports(method: str) -> None:
     backend = ScriptedBackend(failures=Failures(server_error=1.0))

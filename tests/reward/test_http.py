@@ -25,6 +25,7 @@ from services.runtime.backends.fake import FakeBackend, fake_score
 from services.runtime.batcher import BatcherConfig
 from services.runtime.chat import ChatMessage
 from services.runtime.items import RewardInput
+from tests.support.waiting import wait_until
 
 MAX_BODY = 2 * 2**20
 MAX_ITEMS = 8
@@ -105,13 +106,6 @@ async def make_svc() -> AsyncIterator[Factory]:
 @pytest_asyncio.fixture
 async def svc(make_svc: Factory) -> Svc:
     return await make_svc()
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 def assert_error(r: httpx.Response, status: int, code: str, item: int | None = None) -> dict[str, Any]:

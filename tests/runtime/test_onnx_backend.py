@@ -25,7 +25,7 @@ from services.reward.transports.http import create_http_app
 from services.runtime.backends.onnx_backend import MANIFEST_FILE, NotAnExportError, OnnxRewardBackend
 from services.runtime.items import RewardInput
 from services.runtime.onnx_export import cached_export, export_onnx, load_source
-from tests.reward.test_parity import TOL, Reference, check, json_items, text_of
+from tests.support.parity import TOL, Reference, check, json_items, text_of
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -186,6 +186,7 @@ def test_cached_export_is_made_once(tiny_llama_dir: Path, tmp_path: Path) -> Non
     assert (first / "model.onnx").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow  # a server process
 @pytest.mark.timeout(180)
 def test_serve_reward_backend_onnx_process(bert_export: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:
     srv = ServerProcess.reward(
@@ -203,6 +204,7 @@ def test_serve_reward_backend_onnx_process(bert_export: Path, tiny_bert_dir: Pat
         srv.terminate()
 
 
+@pytest.mark.slow  # a server process
 @pytest.mark.timeout(180)
 def test_serve_reward_backend_onnx_on_a_checkpoint_exits_with_the_reason(tiny_llama_dir: Path, tmp_path: Path) -> None:
     log = tmp_path / "server.log"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import string
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,16 @@ def make_tiny_bert(out: Path, *, num_labels: int = 1, max_position: int = 64, se
     chars = list(string.ascii_lowercase + string.digits + string.punctuation)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars), *words]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), model_max_length=max_position)
+    tokens = list(dict.fromkeys(vocab))
+    (out / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    # transformers 5 takes the vocabulary itself (``vocab``) and silently ignores ``vocab_file``,
+    # which left only the 5 special tokens: every word was [UNK]. 4.x takes ``vocab_file``.
+    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:
+        source: dict[str, Any] = {"vocab": {t: i for i, t in enumerate(tokens)}}
+    else:
+        source = {"vocab_file": str(out / "vocab.txt")}
+    tok = BertTokenizerFast(**source, do_lower_case=True, model_max_length=max_position)
+    assert tok.convert_tokens_to_ids("fox") == tokens.index("fox"), "the tiny BERT vocabulary did not load"
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(tok),

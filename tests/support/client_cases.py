@@ -5,11 +5,11 @@ for the async suite that is an :class:`~clients.AsyncRewardClient` awaited in th
 the sync suite a :class:`~clients.RewardClient` whose blocking methods run in a worker thread (as
 a training loop would call them), wrapped so that the same case code awaits them.
 
-Servers run in a background thread with their own event loop (:class:`BackgroundLoop`), so a sync
-client blocking the test's thread cannot starve them: the real reward service (engine over the
-FakeBackend, uvicorn on a free loopback port plus a grpc.aio server), and :class:`Scripted`, a
-tiny fake reward server (FastAPI + grpc.aio) that answers a script of failures before scoring
-and records every call's headers/metadata.
+Servers run in a background thread with their own event loop (:class:`~tests.support.servers.BackgroundLoop`),
+so a sync client blocking the test's thread cannot starve them: the real reward service
+(:func:`~tests.support.servers.start_reward_server`), and :class:`Scripted`, a tiny fake reward
+server (FastAPI + grpc.aio) that answers a script of failures before scoring and records every
+call's headers/metadata.
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import socket
-import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
@@ -43,136 +41,17 @@ from clients import (
 )
 from protos.rlhf.v1 import reward_pb2 as pb
 from protos.rlhf.v1 import reward_pb2_grpc as pb_grpc
-from services.common.serving import uvicorn_server
-from services.reward.engine.service import RewardEngine
-from services.reward.settings import RewardSettings
-from services.reward.transports.grpc import create_grpc_server
-from services.reward.transports.http import create_http_app
-from services.runtime.backends.fake import FakeBackend, fake_score
-from services.runtime.chat import ChatMessage
-from services.runtime.items import EncodedItem, RewardInput
-
-T = TypeVar("T")
-BOOM = "boom"  # a text the main server's model fails on (its batch gets per-item INTERNAL errors)
-
-
-# -- a loop in a thread ---------------------------------------------------------------------------
-
-
-class BackgroundLoop:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-servers", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def start_uvicorn(app: Any) -> tuple[Any, asyncio.Task[None], int]:
-    server = uvicorn_server(app, host="127.0.0.1", port=0, log_level="warning", ssl=None)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.005)
-    port = int(server.servers[0].sockets[0].getsockname()[1])
-    return server, task, port
-
-
-async def stop_uvicorn(server: Any, task: asyncio.Task[None]) -> None:
-    server.should_exit = True
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(task, 5)
-
-
-# -- the real reward service ----------------------------------------------------------------------
-
-
-def to_engine(w: dict[str, Any]) -> RewardInput:
-    def msgs(ms: Sequence[dict[str, str]]) -> tuple[ChatMessage, ...]:
-        return tuple(ChatMessage(role=m["role"], content=m["content"]) for m in ms)
-
-    if "text" in w:
-        return RewardInput(text=w["text"])
-    if "messages" in w:
-        return RewardInput(messages=msgs(w["messages"]))
-    p = w["prompt"]
-    return RewardInput(prompt=p if isinstance(p, str) else msgs(p), response=w["response"])
-
-
-def _fails_on_boom(batch: Sequence[EncodedItem]) -> bool:
-    return any(bytes(it.input_ids) == BOOM.encode() for it in batch)
-
-
-@dataclass
-class RewardServer:
-    bg: BackgroundLoop
-    engine: RewardEngine
-    backend: FakeBackend
-    gate: threading.Event
-    http_port: int
-    grpc_port: int
-    _stop: Callable[[], Coroutine[Any, Any, None]]
-
-    def url(self, transport: str) -> str:
-        return f"http://127.0.0.1:{self.http_port}" if transport == "http" else f"grpc://127.0.0.1:{self.grpc_port}"
-
-    def expected(self, item: Any) -> float:
-        from clients.types import item_to_wire
-
-        return fake_score(self.backend.encode([to_engine(item_to_wire(item))])[0].input_ids)
-
-    def requests(self, transport: str, status: str | None = None) -> float:
-        """Requests to Score so far (with ``status``: only those that ended so)."""
-        total = 0.0
-        for metric in self.engine.metrics.registry.collect():
-            for s in metric.samples:
-                if s.name != "rlhf_reward_requests_total" or s.labels.get("transport") != transport:
-                    continue
-                if (s.labels.get("method") or "").lower() != "score":
-                    continue
-                if status is None or s.labels.get("status") == status:
-                    total += s.value
-        return total
-
-    def stop(self) -> None:
-        self.gate.set()
-        self.bg.run(self._stop())
-
-
-def start_reward_server(bg: BackgroundLoop, *, fail_on_boom: bool = False, **settings: Any) -> RewardServer:
-    gate = threading.Event()
-    gate.set()
-    backend = FakeBackend(max_length=64, gate=gate, fail_when=_fails_on_boom if fail_on_boom else None)
-    cfg = RewardSettings.model_validate({"host": "127.0.0.1", "max_wait_ms": 1.0, **settings})
-    engine = RewardEngine(lambda: backend, cfg.engine_config())
-
-    async def up() -> RewardServer:
-        await engine.start()
-        server, task, http_port = await start_uvicorn(create_http_app(engine, cfg, api_key=None))
-        handle = create_grpc_server(engine, cfg, api_key=None)
-        grpc_port = await handle.start(port=0)
-
-        async def down() -> None:
-            await handle.stop(0)
-            await stop_uvicorn(server, task)
-            await engine.stop()
-
-        return RewardServer(bg, engine, backend, gate, http_port, grpc_port, down)
-
-    return bg.run(up())
-
+from tests.support.servers import (
+    BOOM,
+    BackgroundLoop,
+    RewardServer,
+    free_port,
+    metadata_dict,
+    start_reward_server,
+    start_uvicorn,
+    stop_uvicorn,
+)
+from tests.support.waiting import wait_until
 
 # -- a scripted fake reward server ----------------------------------------------------------------
 
@@ -326,10 +205,6 @@ class Scripted:
             self.bg.run(self._stop())
 
 
-def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    return {k: v if isinstance(v, str) else v.decode() for k, v in context.invocation_metadata() or ()}
-
-
 def _plain(status: int) -> Any:
     from fastapi.responses import PlainTextResponse
 
@@ -346,13 +221,6 @@ class Env:
     main: RewardServer  # max_items_per_request 64, fails on BOOM
     shed: RewardServer  # max_queue_items 32, max_items_per_request 16, a gate
     client: Callable[..., Any]  # (url, **kw) -> a client whose methods are awaited
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def texts(n: int, prefix: str = "item") -> list[str]:
@@ -592,6 +460,13 @@ CASES: dict[str, Callable[[Env], Awaitable[None]]] = {
     "several_endpoints_one_dead": case_several_endpoints_one_dead,
     "dns_round_robin": case_dns_round_robin,
 }
+# Cases that take a second or more (a load run; deadlines waited out): only in `make test`.
+SLOW_CASES = frozenset({"shedding_server_scores_each_item_once", "deadline"})
+
+
+def case_params() -> list[Any]:
+    """Every case name as a parameter, the slow ones marked ``slow``."""
+    return [pytest.param(name, marks=pytest.mark.slow if name in SLOW_CASES else ()) for name in CASES]
 
 
 # -- shared fixtures' bodies ------------------------------------------------------------------------
