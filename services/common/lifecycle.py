@@ -69,6 +69,8 @@ class Lifecycle:
         """Refuse new work, let admitted work finish for up to ``seconds``; True if all finished."""
         if self.state is EngineState.READY:
             self.set(EngineState.DRAINING)
+        if self.in_flight == 0:
+            return True  # wait_for(..., 0) would cancel the wait before it looks (--drain-seconds 0)
         try:
             await asyncio.wait_for(self._idle.wait(), seconds)
             return True

@@ -152,10 +152,14 @@ class Renderer:
             return self._item(full, truncated=False, prompt_tokens=p_len)
         # Prompt first, from the left; if the response alone is too long, the prompt goes
         # entirely and the response loses its beginning.
-        if len(self._call("", response)["input_ids"]) <= self.max_length:
+        if len(full["input_ids"]) - self.max_length < p_len:
             cut = self._call(prompt, response, truncation="only_first", max_length=self.max_length)
             excess = len(full["input_ids"]) - len(cut["input_ids"])
             return self._item(cut, truncated=True, prompt_tokens=p_len - excess)
+        # The whole prompt must go ("only_first" cannot empty the first sequence: it raises).
+        alone = self._call("", response)
+        if len(alone["input_ids"]) <= self.max_length:
+            return self._item(alone, truncated=True, prompt_tokens=0)
         cut = self._call("", response, truncation="only_second", max_length=self.max_length)
         return self._item(cut, truncated=True, prompt_tokens=0)
 

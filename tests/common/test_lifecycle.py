@@ -121,11 +121,6 @@ async def test_drain_when_idle_returns_true_at_once() -> None:
     assert calls.seen[-1] == (False, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: drain(0) reports False ('drain timed out') with nothing in flight: on Python 3.11 "
-    "asyncio.wait_for(..., 0) cancels the wait before it runs; --drain-seconds 0 is allowed (ge=0)",
-)
 async def test_drain_with_zero_seconds_when_idle_returns_true() -> None:
     lc = Lifecycle()
     lc.set(EngineState.READY)

@@ -262,13 +262,6 @@ def test_encoder_pair_response_alone_too_long_loses_its_beginning(bert: Renderer
     assert enc.truncated and enc.prompt_tokens == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Exception,
-    reason="bug: when the response with its special tokens fills the maximum exactly, the whole prompt "
-    "must go, but truncation='only_first' cannot empty the first sequence and the tokenizer raises "
-    "'Sequence to truncate too short' (a 500 for the request)",
-)
 def test_encoder_pair_whose_response_fills_the_maximum_exactly(bert: Renderer, bert_tok: Any) -> None:
     response = " ".join(["fox"] * (BERT_MAX - 3))
     enc = one(bert, RewardInput(prompt="the dog", response=response))
