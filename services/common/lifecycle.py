@@ -11,6 +11,7 @@ import contextlib
 import enum
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 from services.common.errors import ErrorCode, ServiceError
 
@@ -77,3 +78,48 @@ class Lifecycle:
         except asyncio.TimeoutError:  # not the builtin before Python 3.11
             log.warning("drain: %d requests still running after %.1fs", self.in_flight, seconds)
             return False
+
+
+class _Gauge(Protocol):
+    def set(self, value: float) -> None: ...
+
+
+class StateGauges(Protocol):
+    """The readiness and in-flight gauges an engine's metrics expose."""
+
+    @property
+    def ready(self) -> _Gauge: ...
+
+    @property
+    def in_flight(self) -> _Gauge: ...
+
+
+class LifecycleOwner:
+    """What an engine that owns a :class:`Lifecycle` answers about its state (the probes, the
+    transports and the server read these), with the readiness and in-flight gauges kept current."""
+
+    lifecycle: Lifecycle
+
+    def _own_lifecycle(self, gauges: StateGauges) -> Lifecycle:
+        def report(ready: bool, in_flight: int) -> None:
+            gauges.ready.set(1 if ready else 0)
+            gauges.in_flight.set(in_flight)
+
+        self.lifecycle = Lifecycle(report)
+        return self.lifecycle
+
+    @property
+    def state(self) -> EngineState:
+        return self.lifecycle.state
+
+    @property
+    def live(self) -> bool:
+        return self.lifecycle.live
+
+    @property
+    def ready(self) -> bool:
+        return self.lifecycle.ready
+
+    async def drain(self, seconds: float) -> bool:
+        """Refuse new work, let admitted work finish for up to ``seconds``; True if all finished."""
+        return await self.lifecycle.drain(seconds)

@@ -34,7 +34,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from services.common.errors import ErrorCode, ServiceError
-from services.common.lifecycle import EngineState, Lifecycle
+from services.common.lifecycle import EngineState, LifecycleOwner
 from services.judge.backends.base import JudgeBackend
 from services.judge.clock import Clock, SystemClock
 from services.judge.engine.cache import JudgeCache
@@ -61,7 +61,7 @@ __all__ = ["GRADE_SCALE_BOUNDS", "JudgeEngine", "JudgeEngineConfig", "JudgeLimit
 log = logging.getLogger(__name__)
 
 
-class JudgeEngine:
+class JudgeEngine(LifecycleOwner):
     """Owns the backend, the verdict cache, the limiter and the service state; admits requests."""
 
     def __init__(
@@ -78,7 +78,7 @@ class JudgeEngine:
         self.cache = cache
         self.metrics = metrics or JudgeMetrics()
         self.clock: Clock = clock or SystemClock()
-        self.lifecycle = Lifecycle(self._on_lifecycle)
+        self._own_lifecycle(self.metrics)
         self.templates = TemplateSet(self.config.template)
         self.limiter = Limiter(
             max_concurrency=self.config.max_concurrency,
@@ -102,22 +102,6 @@ class JudgeEngine:
         self._pending_calls = 0
 
     # -- state ----------------------------------------------------------------------------------
-
-    @property
-    def state(self) -> EngineState:
-        return self.lifecycle.state
-
-    @property
-    def live(self) -> bool:
-        return self.lifecycle.live
-
-    @property
-    def ready(self) -> bool:
-        return self.lifecycle.ready
-
-    def _on_lifecycle(self, ready: bool, in_flight: int) -> None:
-        self.metrics.ready.set(1 if ready else 0)
-        self.metrics.in_flight.set(in_flight)
 
     @property
     def backend(self) -> JudgeBackend:
@@ -164,10 +148,6 @@ class JudgeEngine:
         self._backend = backend
         self.lifecycle.set(EngineState.READY)
         log.info("judge %s/%s ready (template %s)", backend.info.backend, backend.info.model, self.templates.hash)
-
-    async def drain(self, seconds: float) -> bool:
-        """Refuse new work, let admitted work finish for up to ``seconds``; True if all finished."""
-        return await self.lifecycle.drain(seconds)
 
     async def stop(self) -> None:
         """Close the backend and the cache (the engine owns the cache it was given)."""

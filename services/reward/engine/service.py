@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.common.errors import INTERNAL_MESSAGE, ErrorCode, ServiceError, invalid
-from services.common.lifecycle import EngineState, Lifecycle
+from services.common.lifecycle import EngineState, LifecycleOwner
 from services.reward.engine.normalization import Normalizer
 from services.reward.engine.results import (
     CompareOutcome,
@@ -57,7 +57,7 @@ class EngineConfig:
     normalize_std: float | None = None
 
 
-class RewardEngine:
+class RewardEngine(LifecycleOwner):
     """Owns the backend, the batcher and the service state (starting → ready → draining)."""
 
     def __init__(
@@ -70,7 +70,7 @@ class RewardEngine:
         self._load_backend = load_backend
         self.config = config or EngineConfig()
         self.metrics = metrics or RewardMetrics()
-        self.lifecycle = Lifecycle(self._on_lifecycle)
+        self._own_lifecycle(self.metrics)
         self._backend: RewardBackend | None = None
         self._batcher: Batcher | None = None
         self._weights: np.ndarray | None = None
@@ -81,22 +81,6 @@ class RewardEngine:
         self._group_ids = itertools.count()
 
     # -- state ----------------------------------------------------------------------------------
-
-    @property
-    def state(self) -> EngineState:
-        return self.lifecycle.state
-
-    @property
-    def live(self) -> bool:
-        return self.lifecycle.live
-
-    @property
-    def ready(self) -> bool:
-        return self.lifecycle.ready
-
-    def _on_lifecycle(self, ready: bool, in_flight: int) -> None:
-        self.metrics.ready.set(1 if ready else 0)
-        self.metrics.in_flight.set(in_flight)
 
     @property
     def limits(self) -> Limits:
@@ -129,10 +113,6 @@ class RewardEngine:
         await self._batcher.start()
         self.lifecycle.set(EngineState.READY)
         log.info("model %s (%s) ready", backend.info.id, backend.info.revision)
-
-    async def drain(self, seconds: float) -> bool:
-        """Refuse new work, let admitted work finish for up to ``seconds``; True if all finished."""
-        return await self.lifecycle.drain(seconds)
 
     async def stop(self) -> None:
         if self._batcher is not None:
