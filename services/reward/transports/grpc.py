@@ -33,7 +33,7 @@ from services.common.grpc_support import (
 from services.reward.engine.results import CompareOutcome, ItemError, ItemResult, Limits, ModelRef
 from services.reward.engine.service import RewardEngine
 from services.reward.settings import RewardSettings
-from services.runtime.chat import ChatMessage, Prompt
+from services.runtime.chat import Prompt, as_messages
 from services.runtime.items import ModelInfo, Priority, RewardInput
 
 log = logging.getLogger(__name__)
@@ -57,16 +57,12 @@ def priority_from_grpc(value: int) -> Priority:
         raise invalid(f"unknown priority {value}; expected PRIORITY_ONLINE or PRIORITY_BATCH") from None
 
 
-def messages_from_grpc(conversation: cpb.Conversation) -> tuple[ChatMessage, ...]:
-    return tuple(ChatMessage(role=m.role, content=m.content) for m in conversation.messages)
-
-
 def prompt_from_grpc(msg: pb.PromptResponse | pb.CompareRequest, *, item: int | None = None) -> Prompt:
     which = msg.WhichOneof("prompt")
     if which == "prompt_text":
         return msg.prompt_text
     if which == "prompt_messages":
-        return messages_from_grpc(msg.prompt_messages)
+        return as_messages(msg.prompt_messages.messages)
     raise invalid("prompt is not set: send prompt_text or prompt_messages", item=item)
 
 
@@ -77,7 +73,7 @@ def input_from_grpc(msg: pb.RewardInput, index: int) -> RewardInput:
     if which == "pair":
         return RewardInput(prompt=prompt_from_grpc(msg.pair, item=index), response=msg.pair.response)
     if which == "messages":
-        return RewardInput(messages=messages_from_grpc(msg.messages))
+        return RewardInput(messages=as_messages(msg.messages.messages))
     raise invalid("an item is exactly one of text, pair or messages; none is set", item=index)
 
 
