@@ -41,6 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -388,3 +389,53 @@ def add_probe_routes(
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# -- OpenAPI --------------------------------------------------------------------------------------
+
+# A route as /openapi.json shows it: (method, request body model or None, the 200 body's shapes).
+DocumentedRoute = tuple[str, type[BaseModel] | None, tuple[type[BaseModel], ...]]
+
+_REF = "#/components/schemas/{model}"
+
+
+def document_bodies(app: FastAPI, routes: Mapping[str, DocumentedRoute]) -> None:
+    """Show the request and 200 bodies of ``routes`` (path -> method, request model, 200 shapes) in
+    /openapi.json.
+
+    FastAPI cannot see them: the routes read their bodies themselves (bounded, strict, big ones off
+    the event loop) and answer with :class:`OrjsonResponse`, not a ``JSONResponse``.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        models: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {}
+        for _, request, shapes in routes.values():
+            if request is not None:
+                models[request, "validation"] = None
+            models.update(dict.fromkeys((shape, "serialization") for shape in shapes))
+        _, defs = models_json_schema(list(models), ref_template=_REF)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        for path, (method, request, shapes) in routes.items():
+            operation = schema["paths"][path][method]
+            if request is not None:
+                operation["requestBody"] = {"required": True, "content": _json(_ref(request))}
+            operation["responses"]["200"]["content"] = _json(_one_of(shapes))
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, Any]:
+    return {"$ref": _REF.format(model=model.__name__)}
+
+
+def _one_of(shapes: Sequence[type[BaseModel]]) -> dict[str, Any]:
+    return _ref(shapes[0]) if len(shapes) == 1 else {"anyOf": [_ref(s) for s in shapes]}

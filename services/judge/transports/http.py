@@ -19,19 +19,18 @@ result: HTTP 200 with ``{"abstain": {"reason"}, "judge"?, "usage"}``.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from pydantic import BaseModel
-from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from services.common.http_support import (
     PROBE_ROUTE_NAMES,
+    DocumentedRoute,
     OrjsonResponse,
     add_probe_routes,
     create_edge_app,
+    document_bodies,
     request_deadline,
     run_until_disconnect,
 )
@@ -59,7 +58,7 @@ ROUTE_NAMES: Mapping[str, str] = {
 }
 
 # What /openapi.json shows for each route: (method, request body model, 200 body shapes).
-DOCUMENTED: Mapping[str, tuple[str, type[BaseModel] | None, tuple[type[BaseModel], ...]]] = {
+DOCUMENTED: Mapping[str, DocumentedRoute] = {
     "/v1/compare": ("post", CompareRequest, (CompareOut, AbstainOut)),
     "/v1/rank": ("post", RankRequest, (RankOut, AbstainOut)),
     "/v1/grade": ("post", GradeRequest, (GradeOut, AbstainOut)),
@@ -106,51 +105,5 @@ def create_http_app(engine: JudgeEngine, settings: JudgeSettings, *, api_key: st
         return OrjsonResponse(models_body(engine.info, engine.limits, max_body_bytes=max_body, created=created))
 
     add_probe_routes(app, engine, engine.metrics.registry, state=lambda: engine.state.value, what="the judge")
-    _document_bodies(app, DOCUMENTED)
+    document_bodies(app, DOCUMENTED)
     return app
-
-
-_REF = "#/components/schemas/{model}"
-
-
-def _document_bodies(
-    app: FastAPI, routes: Mapping[str, tuple[str, type[BaseModel] | None, tuple[type[BaseModel], ...]]]
-) -> None:
-    """Show the request and 200 bodies of ``routes`` in /openapi.json.
-
-    FastAPI cannot see them: the routes read their bodies themselves (bounded, strict, big ones off
-    the event loop) and answer with :class:`OrjsonResponse`, not a ``JSONResponse``.
-    """
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = generate()
-        models: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {}
-        for _, request, shapes in routes.values():
-            if request is not None:
-                models[request, "validation"] = None
-            models.update(dict.fromkeys((shape, "serialization") for shape in shapes))
-        _, defs = models_json_schema(list(models), ref_template=_REF)
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
-        for path, (method, request, shapes) in routes.items():
-            operation = schema["paths"][path][method]
-            if request is not None:
-                operation["requestBody"] = {"required": True, "content": _json(_ref(request))}
-            operation["responses"]["200"]["content"] = _json(_one_of(shapes))
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
-
-
-def _json(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"application/json": {"schema": schema}}
-
-
-def _ref(model: type[BaseModel]) -> dict[str, Any]:
-    return {"$ref": _REF.format(model=model.__name__)}
-
-
-def _one_of(shapes: Sequence[type[BaseModel]]) -> dict[str, Any]:
-    return _ref(shapes[0]) if len(shapes) == 1 else {"anyOf": [_ref(s) for s in shapes]}
