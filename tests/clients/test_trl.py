@@ -24,7 +24,6 @@ from tests.support.servers import (
     BackgroundLoop,
     FakeReward,
     RewardServer,
-    start_reward_server,
     start_uvicorn,
     stop_uvicorn,
 )
@@ -59,28 +58,6 @@ class FakeJudge:
 
     def stop(self) -> None:
         self.bg.run(stop_uvicorn(self.server, self.task))
-
-
-@pytest.fixture(scope="module")
-def bg() -> Iterator[BackgroundLoop]:
-    loop = BackgroundLoop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
-def service(bg: BackgroundLoop) -> Iterator[RewardServer]:
-    """The real reward service (engine, HTTP and gRPC transports) over the fake backend."""
-    srv = start_reward_server(bg)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def fake(bg: BackgroundLoop) -> Iterator[FakeReward]:
-    srv = FakeReward(bg)
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")

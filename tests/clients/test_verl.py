@@ -15,7 +15,6 @@ import asyncio
 import functools
 import importlib
 import inspect
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -23,28 +22,7 @@ import pytest
 
 from clients.integrations import RewardUnavailableError
 from clients.integrations import verl as verl_mod
-from tests.support.servers import BackgroundLoop, FakeReward, RewardServer, start_reward_server
-
-
-@pytest.fixture(scope="module")
-def bg() -> Iterator[BackgroundLoop]:
-    loop = BackgroundLoop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
-def service(bg: BackgroundLoop) -> Iterator[RewardServer]:
-    srv = start_reward_server(bg)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def fake(bg: BackgroundLoop) -> Iterator[FakeReward]:
-    srv = FakeReward(bg)
-    yield srv
-    srv.stop()
+from tests.support.servers import FakeReward, RewardServer
 
 
 def load_like_verl(path: str, name: str, reward_kwargs: dict[str, Any]) -> Any:
