@@ -100,13 +100,12 @@ class LifecycleOwner:
 
     lifecycle: Lifecycle
 
-    def _own_lifecycle(self, gauges: StateGauges) -> Lifecycle:
+    def _own_lifecycle(self, gauges: StateGauges) -> None:
         def report(ready: bool, in_flight: int) -> None:
             gauges.ready.set(1 if ready else 0)
             gauges.in_flight.set(in_flight)
 
         self.lifecycle = Lifecycle(report)
-        return self.lifecycle
 
     @property
     def state(self) -> EngineState:

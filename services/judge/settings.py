@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from services.common.settings import ServiceSettings
 from services.judge.engine.config import DEFAULT_PRICES, JudgeEngineConfig
+from services.runtime.device import Dtype
 
 Backend = Literal["local", "openai", "anthropic", "openai-compatible"]
 CACHE_FILE = "judge-cache.sqlite"
@@ -115,7 +116,7 @@ class JudgeSettings(ServiceSettings):
     seed: int = Field(0, description="Seed of the deterministic choices (order for 'single', principles, pairs).")
 
     # -- the local backend ---------------------------------------------------------------------------
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="local: weights and compute dtype.")
+    dtype: Dtype = Field("float32", description="local: weights and compute dtype.")
     device: str = Field("auto", description="local: cpu, cuda, cuda:N, or auto (cuda when present).")
     threads: int | None = Field(None, gt=0, description="local: torch intra-op threads (default: torch's choice).")
     max_batch_tokens: int = Field(

@@ -12,6 +12,7 @@ from services.common.settings import ServiceSettings
 from services.reward.engine.results import Limits
 from services.reward.engine.service import EngineConfig
 from services.runtime.batcher import BatcherConfig
+from services.runtime.device import Dtype
 
 
 class RewardSettings(ServiceSettings):
@@ -30,7 +31,7 @@ class RewardSettings(ServiceSettings):
         description="Inference backend: torch (any HF checkpoint) or onnx (a folder written by "
         "`rlhf-feedback export-onnx`; onnxruntime CPU, or CUDA with onnxruntime-gpu).",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and compute dtype.")
+    dtype: Dtype = Field("float32", description="Weights and compute dtype.")
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (cuda when present).")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: torch's choice).")
     max_length: int | None = Field(

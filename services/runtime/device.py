@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import torch
 
-Dtype = Literal["float32", "bfloat16", "float16"]
-DTYPE_NAMES: tuple[Dtype, ...] = ("float32", "bfloat16", "float16")
+Dtype = Literal["float32", "bfloat16", "float16"]  # the --dtype names every model-running command takes
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".gguf")
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a ``--dtype`` name; KeyError for anything but :data:`DTYPE_NAMES`."""
+    """The torch dtype of a ``--dtype`` name; KeyError for anything but a :data:`Dtype`."""
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

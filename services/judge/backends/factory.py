@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Literal, cast
 
 from services.judge.backends.base import JudgeBackend
+from services.runtime.device import Dtype
 
 BackendName = Literal["local", "openai", "anthropic", "openai-compatible", "scripted"]
 BACKENDS: tuple[str, ...] = ("local", "openai", "anthropic", "openai-compatible", "scripted")
@@ -32,7 +33,7 @@ def build_backend(
     samples: int = 5,
     top_logprobs: int = 20,
     temperature: float | None = None,
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    dtype: Dtype = "float32",
     device: str = "auto",
     threads: int | None = None,
     max_batch_tokens: int = 8192,

@@ -27,7 +27,7 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -35,13 +35,13 @@ from services.common.errors import ErrorCode, ServiceError
 from services.judge.backends.base import BackendInfo, UpstreamError
 from services.judge.types import Usage, VerdictQuery, VerdictReply
 from services.runtime.batcher import Batcher, BatcherConfig
+from services.runtime.device import Dtype
 from services.runtime.items import EncodedItem
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_CUE = "\n\nVerdict:"
-Dtype = Literal["float32", "bfloat16", "float16"]
 
 
 class ChoiceTokenError(ValueError):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from services.runtime.backends.layout import pad_rows, read_position
-from services.runtime.device import resolve_device, torch_dtype, weights_revision
+from services.runtime.device import Dtype, resolve_device, torch_dtype, weights_revision
 from services.runtime.items import EncodedItem, ModelInfo, RewardInput
 from services.runtime.rendering import Renderer, model_max_length
 
@@ -45,7 +45,7 @@ class TorchRewardBackend:
         self,
         model_dir: Path | str,
         *,
-        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        dtype: Dtype = "float32",
         device: str = "auto",
         max_length: int | None = None,
         threads: int | None = None,
