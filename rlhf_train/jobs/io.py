@@ -29,14 +29,26 @@ line is the complete result of one input row::
 A run killed at any instant and run again therefore ends with every input row's results exactly
 once, in input order, identical to an uninterrupted run's (given the same judgments, which the
 judge service's cache provides).
+
+Symbolic links
+--------------
+The files a job writes next to its output (the output, the rejects file, the journal and their
+``.tmp`` files) are never opened through a symbolic link: a link planted at one of them (say
+``out.jsonl.tmp -> ~/.bashrc``) would otherwise have the job truncate and overwrite the link's
+target. :func:`check_fresh_outputs` refuses such a link before any work starts (exit 2, nothing
+written), and every open repeats the check itself (``O_NOFOLLOW``; temporary files are created
+with ``O_EXCL``), so a link planted while the job runs is refused too. Only the last path component
+counts: the output's directory may be a link, and so may the *input* file (datasets often are).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -151,6 +163,86 @@ def _read_parquet(path: Path) -> list[SourceRow]:
     return [SourceRow(i, f"row {i}", x) for i, x in enumerate(table.to_pylist())]
 
 
+# -- opening files without following symbolic links ---------------------------------------------
+
+# Windows has neither flag; there the lstat checks below still refuse links.
+_O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
+
+
+def _symlink_error(path: Path) -> InputError:
+    try:
+        target = f" (pointing to {os.readlink(path)})"
+    except OSError:
+        target = ""
+    return InputError(
+        f"{path} is a symbolic link{target}; the job does not write through symbolic links, so nothing was "
+        "written. Remove the link (or pass --restart, which removes it without touching its target), "
+        "or choose another --output"
+    )
+
+
+def _not_regular_error(path: Path, mode: int) -> InputError:
+    kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+    return InputError(f"{path} is {kind}; nothing was written. Remove it, or choose another --output")
+
+
+def refuse_symlink(path: Path) -> None:
+    """``InputError`` (exit 2) when ``path`` itself (not its directory) is a symbolic link."""
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            raise _symlink_error(path)
+
+
+def _open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that fails with :func:`_symlink_error` when ``path`` is a symbolic link."""
+    try:
+        return os.open(path, flags | _O_NOFOLLOW | _O_CLOEXEC, mode)
+    except OSError as exc:
+        # Linux says ELOOP, the BSDs EMLINK; lstat tells a link from a genuine loop further up.
+        if exc.errno in (errno.ELOOP, errno.EMLINK):
+            refuse_symlink(path)
+        raise
+
+
+def _create_exclusive(path: Path) -> int:
+    """Create ``path`` anew for writing (``O_EXCL``, so never through a link) and return its descriptor.
+
+    A regular file already there is a leftover of a killed run and is removed first; a symbolic
+    link (or anything else) is refused, untouched."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    for _ in range(3):
+        try:
+            return _open_nofollow(path, flags)
+        except FileExistsError:
+            pass
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue  # gone in between: try again
+        if stat.S_ISLNK(st.st_mode):
+            raise _symlink_error(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular_error(path, st.st_mode)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    raise JobError(f"{path} keeps reappearing; is another run writing the same output?")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _read_all(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    while chunk := os.read(fd, 1 << 24):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 # -- outputs ---------------------------------------------------------------------------------------
 
 
@@ -168,17 +260,41 @@ def _replace_atomically(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[Any]:
+    """A binary file object on a new ``<path>.tmp`` (never a link's target), fsync-ed and renamed
+    over ``path`` on success, removed on failure."""
+    tmp = _tmp_path(path)
+    fd = _create_exclusive(tmp)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _replace_atomically(tmp, path)
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically, through a new ``.tmp`` that no symbolic link can redirect."""
+    with _atomic_file(path) as fh:
+        fh.write(data)
+
+
 def write_jsonl(path: Path, rows: Iterable[Any]) -> int:
     """Write ``rows`` to ``path`` atomically (a temporary file, fsync, rename); the row count."""
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with tmp.open("wb") as fh:
+    with _atomic_file(path) as fh:
         for row in rows:
             fh.write(dumps_line(row))
             n += 1
-        fh.flush()
-        os.fsync(fh.fileno())
-    _replace_atomically(tmp, path)
     return n
 
 
@@ -188,11 +304,9 @@ def write_parquet(path: Path, rows: Sequence[Mapping[str, Any]], schema: Any = N
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(list(rows), schema=schema) if rows or schema is not None else pa.table({})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    _replace_atomically(tmp, path)
+    # A file object, not the path: pyarrow would open a path through a link.
+    with _atomic_file(path) as fh:
+        pq.write_table(table, fh)
     return table.num_rows
 
 
@@ -215,12 +329,12 @@ class ResumeState:
     dropped_tail: bool = False
 
 
-def _read_journal(path: Path) -> tuple[dict[str, Any] | None, ResumeState, int]:
-    """Header, records and the byte length of the valid prefix (a torn last line is not in it).
+def _read_journal(path: Path, data: bytes) -> tuple[dict[str, Any] | None, ResumeState, int]:
+    """Header, records and the byte length of the valid prefix (a torn last line is not in it) of
+    the journal ``path`` whose bytes are ``data``.
 
     The header is None when not even it was written whole (a kill while the journal was created):
     nothing was done yet."""
-    data = path.read_bytes()
     state = ResumeState()
     header: dict[str, Any] | None = None
     pos = 0
@@ -267,7 +381,25 @@ class Journal:
     def open(cls, path: Path, *, job: str, config: Mapping[str, Any]) -> tuple[Journal, ResumeState]:
         """Open (resume) or create the journal; ``InputError`` when it was written by other settings."""
         header = {"journal": "rlhf-feedback", "version": JOURNAL_VERSION, "job": job, "config": dict(config)}
-        old, state, valid = _read_journal(path) if path.exists() else (None, ResumeState(), 0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # One descriptor, opened without following a link, for reading, truncating and appending:
+        # the file checked is the file written.
+        fd = _open_nofollow(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+        try:
+            return cls._open_fd(path, fd, header, job=job, config=config)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def _open_fd(
+        cls, path: Path, fd: int, header: dict[str, Any], *, job: str, config: Mapping[str, Any]
+    ) -> tuple[Journal, ResumeState]:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular_error(path, st.st_mode)
+        data = _read_all(fd)
+        old, state, valid = _read_journal(path, data) if data else (None, ResumeState(), 0)
         if old is not None:
             if old.get("job") != job or old.get("version") != JOURNAL_VERSION:
                 raise InputError(
@@ -286,14 +418,13 @@ class Journal:
                     f"{path} was written with other settings ({diff}); rerun with the same flags to resume, "
                     "or pass --restart to start over"
                 )
-            fd = os.open(path, os.O_RDWR | os.O_APPEND)
-            if os.fstat(fd).st_size != valid:
+            if len(data) != valid:
                 os.ftruncate(fd, valid)  # drop the torn tail before appending after it
                 os.fsync(fd)
             return cls(path, fd, old), state
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.write(fd, dumps_line(header))
+        if data:
+            os.ftruncate(fd, 0)  # a header torn by a kill: nothing was done yet
+        _write_all(fd, dumps_line(header))
         os.fsync(fd)
         _fsync_dir(path.parent)
         return cls(path, fd, json.loads(canonical_json(header))), ResumeState()
@@ -302,26 +433,19 @@ class Journal:
         """Append finished rows durably: one ``write`` of whole lines, then ``fsync``."""
         if not records:
             return
-        buf = b"".join(dumps_line(r) for r in records)
-        view = memoryview(buf)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        _write_all(self._fd, b"".join(dumps_line(r) for r in records))
         os.fsync(self._fd)
 
     def compact(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Replace the journal by its header, ``{k, stats}`` per row and a ``complete`` mark."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("wb") as fh:
+        with _atomic_file(self.path) as fh:
             fh.write(dumps_line(self.header))
             for r in records:
                 fh.write(dumps_line({"k": r["k"], "stats": r.get("stats", {})}))
             fh.write(dumps_line({"complete": True}))
-            fh.flush()
-            os.fsync(fh.fileno())
         os.close(self._fd)
-        _replace_atomically(tmp, self.path)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        self._fd = -1  # so that close() cannot close a reused number if the reopen fails
+        self._fd = _open_nofollow(self.path, os.O_RDWR | os.O_APPEND)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -339,15 +463,23 @@ def default_rejects_path(output: Path) -> Path:
 
 
 def start_fresh(paths: Iterable[Path]) -> None:
-    """``--restart``: remove the journal and outputs (and any temporary files) of an earlier run."""
+    """``--restart``: remove the journal and outputs (and any temporary files) of an earlier run.
+
+    A symbolic link among them is removed itself; its target is never opened."""
     for p in paths:
-        for q in (p, p.with_name(p.name + ".tmp")):
+        for q in (p, _tmp_path(p)):
             with contextlib.suppress(FileNotFoundError):
                 q.unlink()
 
 
 def check_fresh_outputs(journal: Path, outputs: Iterable[Path]) -> None:
-    """Without a journal, refuse to overwrite an existing output that some other run produced."""
+    """Before any work: refuse a symbolic link at the journal, an output or any of their ``.tmp``
+    files (nothing is written through one), then, without a journal, refuse to overwrite an existing
+    output that some other run produced."""
+    outputs = list(outputs)
+    for p in (journal, *outputs):
+        refuse_symlink(p)
+        refuse_symlink(_tmp_path(p))
     if journal.exists():
         return
     for p in outputs:
@@ -530,8 +662,10 @@ __all__ = [
     "journal_path",
     "output_format",
     "read_rows",
+    "refuse_symlink",
     "run_units",
     "start_fresh",
+    "write_bytes_atomically",
     "write_jsonl",
     "write_parquet",
     "write_rows",

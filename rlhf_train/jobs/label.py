@@ -56,6 +56,7 @@ from rlhf_train.jobs.io import (
     read_rows,
     run_units,
     start_fresh,
+    write_bytes_atomically,
     write_jsonl,
     write_rows,
 )
@@ -435,9 +436,7 @@ def write_dataset_info(info_path: Path, name: str, output: Path) -> None:
         if not isinstance(entries, dict):
             raise JobError(f"{info_path}: not a JSON object; not touching it")
     entries[name] = dataset_info_entry(output, info_path)
-    tmp = info_path.with_name(info_path.name + ".tmp")
-    tmp.write_text(json.dumps(entries, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, info_path)
+    write_bytes_atomically(info_path, (json.dumps(entries, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def _materialize(
