@@ -117,6 +117,7 @@ def _info_from_json(body: Any) -> ModelInfo:
             int(lim["max_body_bytes"]),
             int(lim["max_text_bytes"]),
             int(lim.get("max_batch_tokens", 0)),
+            int(lim.get("max_request_tokens", 0)),
         ),
     )
 
@@ -134,7 +135,13 @@ def _info_from_pb(m: pb.ModelInfo) -> ModelInfo:
         num_labels=m.num_labels,
         label_names=tuple(m.label_names),
         has_chat_template=m.has_chat_template,
-        limits=Limits(lim.max_items_per_request, lim.max_body_bytes, lim.max_text_bytes, lim.max_batch_tokens),
+        limits=Limits(
+            lim.max_items_per_request,
+            lim.max_body_bytes,
+            lim.max_text_bytes,
+            lim.max_batch_tokens,
+            lim.max_request_tokens,
+        ),
     )
 
 
@@ -196,16 +203,49 @@ class _Chunk:
         return out
 
 
-def plan_chunks(items: Sequence[dict[str, Any]], max_items: int, max_bytes: int | None) -> list[tuple[int, int]]:
-    """Cut ``items`` into ``[start, end)`` spans of at most ``max_items`` items and (roughly) ``max_bytes``."""
+@dataclass(frozen=True)
+class ChunkLimits:
+    """What one request may carry: items, body bytes (roughly), and tokens after truncation."""
+
+    max_items: int
+    max_bytes: int | None = None
+    max_tokens: int | None = None  # the server's --max-request-tokens
+    max_length: int | None = None  # the server's truncation length: no item costs more
+
+
+def token_bound(item: dict[str, Any], max_length: int | None) -> int:
+    """A safe guess of an item's tokens after truncation: its UTF-8 bytes plus a few template
+    tokens per message (a byte-level BPE token is at least one byte), at most ``max_length``."""
+    texts: list[str] = []
+    messages = 1
+    for key in ("text", "response"):
+        if isinstance(item.get(key), str):
+            texts.append(item[key])
+    for key in ("prompt", "messages"):
+        value = item.get(key)
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, list):
+            messages += len(value)
+            texts += [str(m.get("content", "")) for m in value if isinstance(m, dict)]
+    bound = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) + 16 * messages
+    return min(bound, max_length) if max_length else bound
+
+
+def plan_chunks(items: Sequence[dict[str, Any]], limits: ChunkLimits) -> list[tuple[int, int]]:
+    """Cut ``items`` into ``[start, end)`` spans within ``limits`` (a span holds at least one item)."""
     spans: list[tuple[int, int]] = []
-    start, size = 0, 0
+    start, size, tokens = 0, 0, 0
     for i, item in enumerate(items):
-        b = len(orjson.dumps(item)) + 1 if max_bytes is not None else 0
-        if i > start and (i - start >= max_items or (max_bytes is not None and size + b > max_bytes)):
+        b = len(orjson.dumps(item)) + 1 if limits.max_bytes is not None else 0
+        t = token_bound(item, limits.max_length) if limits.max_tokens else 0
+        over_bytes = limits.max_bytes is not None and size + b > limits.max_bytes
+        over_tokens = limits.max_tokens is not None and limits.max_tokens > 0 and tokens + t > limits.max_tokens
+        if i > start and (i - start >= limits.max_items or over_bytes or over_tokens):
             spans.append((start, i))
-            start, size = i, 0
+            start, size, tokens = i, 0, 0
         size += b
+        tokens += t
     if start < len(items):
         spans.append((start, len(items)))
     return spans
@@ -260,12 +300,23 @@ class _RewardCore(BaseCore):
         self._info = info
         return info
 
-    async def _chunking(self, deadline: float | None) -> tuple[int, int | None]:
+    async def _chunking(self, deadline: float | None) -> ChunkLimits:
         if self.chunk_size is not None:
-            limit = self._info.limits.max_body_bytes // 2 if self._info is not None else None
-            return self.chunk_size, limit
+            if self._info is None:
+                return ChunkLimits(self.chunk_size)
+            return ChunkLimits(
+                self.chunk_size,
+                self._info.limits.max_body_bytes // 2,
+                self._info.limits.max_request_tokens or None,
+                self._info.max_length or None,
+            )
         info = self._info or await self.model_info(deadline=deadline)
-        return max(1, min(info.limits.max_items_per_request, MAX_CHUNK_ITEMS)), max(1, info.limits.max_body_bytes // 2)
+        return ChunkLimits(
+            max(1, min(info.limits.max_items_per_request, MAX_CHUNK_ITEMS)),
+            max(1, info.limits.max_body_bytes // 2),
+            info.limits.max_request_tokens or None,
+            info.max_length or None,
+        )
 
     # -- scoring --------------------------------------------------------------------------------
 
@@ -299,8 +350,7 @@ class _RewardCore(BaseCore):
         if not wire:
             return ScoreResults([])
         deadline = deadline_from(deadline_s)
-        max_items, max_bytes = await self._chunking(deadline)
-        spans = plan_chunks(wire, max_items, max_bytes)
+        spans = plan_chunks(wire, await self._chunking(deadline))
         gate = self.conns().gate  # shared by every call of this client in this loop
 
         async def run(k: int, start: int, end: int) -> _Chunk:

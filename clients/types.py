@@ -185,6 +185,7 @@ class Limits:
     max_body_bytes: int
     max_text_bytes: int
     max_batch_tokens: int
+    max_request_tokens: int = 0  # 0: the server did not say (a release before 0.4.0)
 
 
 @dataclass(frozen=True)

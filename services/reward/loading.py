@@ -41,7 +41,7 @@ def check_onnx_settings(settings: RewardSettings) -> None:
 
     if settings.model is not None:
         ExportManifest.read(settings.model)  # NotAnExportError says to run export-onnx first
-    if settings.dtype != "float32":
+    if settings.dtype not in ("auto", "float32"):
         raise ValueError(
             f"--dtype {settings.dtype} does not apply to --backend onnx: an export runs in its own dtype "
             "(float32, or int8 with `export-onnx --quantize int8`)"

@@ -27,7 +27,7 @@ class RewardMetrics:
         self.items = Counter("rlhf_reward_items", "Items scored, by outcome.", ["outcome"], registry=r)
         self.queue_depth = Gauge(
             "rlhf_reward_queue_depth",
-            "Items admitted and waiting for a batch (autoscaling signal).",
+            "Items admitted and not yet in a batch, including those still being tokenized (autoscaling signal).",
             registry=r,
         )
         self.in_flight = Gauge("rlhf_reward_requests_in_flight", "Requests being handled.", registry=r)
@@ -54,6 +54,11 @@ class RewardMetrics:
         )
         self.inference_seconds = Histogram(
             "rlhf_reward_inference_seconds", "Forward pass time per batch.", buckets=_SECONDS, registry=r
+        )
+        self.refused_over_budget = Counter(
+            "rlhf_reward_requests_over_token_budget",
+            "Requests refused because their tokens after truncation exceed --max-request-tokens.",
+            registry=r,
         )
         self.truncations = Counter("rlhf_reward_truncations", "Items truncated to the maximum length.", registry=r)
         self.scores = Histogram(

@@ -168,6 +168,7 @@ class LimitsOut(BaseModel):
     max_body_bytes: int
     max_text_bytes: int
     max_batch_tokens: int
+    max_request_tokens: int
 
 
 class ModelCard(BaseModel):
@@ -235,6 +236,7 @@ def limits_body(limits: Limits, *, max_body_bytes: int) -> dict[str, int]:
         "max_body_bytes": max_body_bytes,
         "max_text_bytes": limits.max_text_bytes,
         "max_batch_tokens": limits.max_batch_tokens,
+        "max_request_tokens": limits.max_request_tokens,
     }
 
 

@@ -13,6 +13,7 @@ from services.reward.engine.results import Limits
 from services.reward.engine.service import EngineConfig
 from services.runtime.batcher import BatcherConfig
 from services.runtime.device import Dtype
+from services.runtime.tokenizers import DEFAULT_TOKENIZE_WORKERS
 
 
 class RewardSettings(ServiceSettings):
@@ -31,7 +32,14 @@ class RewardSettings(ServiceSettings):
         description="Inference backend: torch (any HF checkpoint) or onnx (a folder written by "
         "`rlhf-feedback export-onnx`; onnxruntime CPU, or CUDA with onnxruntime-gpu).",
     )
-    dtype: Dtype = Field("float32", description="Weights and compute dtype.")
+    dtype: Dtype = Field(
+        "float32",
+        description="Weights and compute dtype. float32 keeps scores equal to the unbatched forward (1e-5); "
+        "bfloat16 is about 2x faster where the hardware computes it natively but a batched score then "
+        "differs from the unbatched one by up to ~0.04. auto: bfloat16 where native (CUDA with bf16, a CPU "
+        "with AVX-512 BF16 or AMX), float32 elsewhere. bfloat16 on a CPU without it is several times "
+        "slower than float32 (a warning says so).",
+    )
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (cuda when present).")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: torch's choice).")
     max_length: int | None = Field(
@@ -45,6 +53,21 @@ class RewardSettings(ServiceSettings):
         gt=0,
         description="Token budget of one batch, counted padded (items x longest). An item longer than this runs "
         "alone. 1024 measured best on CPU (rlhf-feedback bench); raise it on a GPU (e.g. 16384-32768).",
+    )
+    max_request_tokens: int = Field(
+        2048,
+        gt=0,
+        description="Most tokens one request may bring, counted after truncation and summed over its items; "
+        "over it the request is refused (400) before it reaches the model, with the numbers. The default is "
+        "about 3.5 s of the embedded model in float32 on 2 CPU cores; raise it with --max-batch-tokens on "
+        "a GPU. The project's clients split their requests to fit it.",
+    )
+    tokenize_workers: int = Field(
+        DEFAULT_TOKENIZE_WORKERS,
+        gt=0,
+        le=64,
+        description="Threads that render and tokenize requests (each with its own tokenizer copy), off the "
+        "event loop and the model thread.",
     )
     max_wait_ms: float = Field(2.0, ge=0, description="How long the first queued item waits for company.")
     max_queue_items: int = Field(
@@ -99,7 +122,9 @@ class RewardSettings(ServiceSettings):
                 max_body_bytes=self.max_body_bytes,
                 max_text_bytes=self.max_text_bytes,
                 max_batch_tokens=self.max_batch_tokens,
+                max_request_tokens=self.max_request_tokens,
             ),
+            tokenize_workers=self.tokenize_workers,
             head_weights=self.head_weights,
             normalize_mean=self.normalize_mean,
             normalize_std=self.normalize_std,

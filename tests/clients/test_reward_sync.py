@@ -124,14 +124,21 @@ def test_retry_policy() -> None:
     assert policy.delay(AttemptTimeout("t"), retry=0, idempotent=True) is not None
 
 
-def test_plan_chunks_by_count_and_bytes() -> None:
-    from clients.reward import plan_chunks
+def test_plan_chunks_by_count_bytes_and_tokens() -> None:
+    from clients.reward import ChunkLimits, plan_chunks, token_bound
 
     items = [{"text": "x" * 10} for _ in range(10)]
-    assert plan_chunks(items, 4, None) == [(0, 4), (4, 8), (8, 10)]
-    spans = plan_chunks(items, 100, 50)  # ~24 bytes per item: two per chunk
+    assert plan_chunks(items, ChunkLimits(4)) == [(0, 4), (4, 8), (8, 10)]
+    spans = plan_chunks(items, ChunkLimits(100, 50))  # ~24 bytes per item: two per chunk
     assert spans[0] == (0, 2) and spans[-1][1] == 10
-    assert plan_chunks([{"text": "y" * 1000}], 4, 10) == [(0, 1)]  # an item alone even when over
+    assert plan_chunks([{"text": "y" * 1000}], ChunkLimits(4, 10)) == [(0, 1)]  # an item alone even when over
+    # Tokens: 10 bytes + 16 per item; 3 items (78) fit a budget of 80, a 4th does not.
+    assert token_bound(items[0], None) == 26
+    assert plan_chunks(items, ChunkLimits(100, None, 80)) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    # An item costs at most the server's truncation length.
+    long = [{"prompt": [{"role": "user", "content": "é" * 500}], "response": "z" * 900} for _ in range(4)]
+    assert token_bound(long[0], None) == 1000 + 900 + 32 and token_bound(long[0], 512) == 512
+    assert plan_chunks(long, ChunkLimits(100, None, 1024, 512)) == [(0, 2), (2, 4)]
 
 
 def test_url_parsing() -> None:

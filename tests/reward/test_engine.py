@@ -110,6 +110,7 @@ async def make() -> AsyncIterator[Factory]:
         max_queue_items: int = 64,
         max_items: int = 8,
         max_text_bytes: int = 1024,
+        max_request_tokens: int = 65536,
         **config: Any,
     ) -> Rig:
         backend = backend or FakeBackend(gate=threading.Event())
@@ -122,6 +123,7 @@ async def make() -> AsyncIterator[Factory]:
                 max_body_bytes=1 << 20,
                 max_text_bytes=max_text_bytes,
                 max_batch_tokens=max_batch_tokens,
+                max_request_tokens=max_request_tokens,
             ),
             **config,
         )
@@ -322,6 +324,57 @@ async def test_a_full_queue_is_resource_exhausted_at_once_with_a_retry_delay(mak
     ]
     assert (await fits).results == [ScoredItem(score_of("c03"), 3, False)]
     assert b"c01" not in {bytes(it.input_ids) for it in rig.scored()}
+
+
+class CountingFake(FakeBackend):
+    """Counts the items it tokenized; ``block`` holds every ``encode`` whose first text starts
+    with "slow" until it is set."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.encoded = 0
+        self.block = threading.Event()
+        self.blocked = threading.Event()
+
+    def encode(self, inputs: Sequence[RewardInput]) -> list[EncodedItem]:
+        if inputs and (inputs[0].text or "").startswith("slow"):
+            self.blocked.set()
+            assert self.block.wait(30)
+        self.encoded += len(inputs)
+        return super().encode(inputs)
+
+
+async def test_a_request_over_the_token_budget_is_refused_before_the_model(make: Factory) -> None:
+    # Fake tokens are UTF-8 bytes, max_length 64: 40 items of 64 tokens are 2,560 tokens.
+    rig = await make(CountingFake(gate=threading.Event()), max_items=64, max_request_tokens=1000)
+    before = len(rig.backend.batches)
+    err = await refused(rig.engine.score([text("x" * 100)] * 40), ErrorCode.INVALID_ARGUMENT)
+    assert "over --max-request-tokens 1000" in err.message and "1024 tokens" in err.message, err.message
+    assert "first 16 of 40 items" in err.message, err.message
+    assert len(rig.backend.batches) == before  # nothing reached the model
+    assert rig.backend.encoded == 1 + 16  # the warm-up, then only one chunk of 16 items: not all 40
+    assert rig.engine.queue_depth == 0
+    assert rig.sample("rlhf_reward_requests_over_token_budget_total") == 1
+    # Exactly at the budget is fine: 10 items of 100 tokens would be 1,000, but max_length is 64.
+    ok = await rig.engine.score([text("y" * 50)] * 20)  # 1,000 tokens
+    assert [r.num_tokens for r in ok.results if isinstance(r, ScoredItem)] == [50] * 20
+
+
+async def test_items_being_tokenized_count_in_the_queue_depth_and_against_the_queue_limit(make: Factory) -> None:
+    rig = await make(CountingFake(gate=threading.Event()), max_queue_items=10, max_items=8, tokenize_workers=2)
+    backend = rig.backend
+    assert isinstance(backend, CountingFake)
+    slow = asyncio.create_task(rig.engine.score([text(f"slow{i}") for i in range(6)]))
+    await asyncio.to_thread(backend.blocked.wait, 30)
+    assert rig.engine.queue_depth == 6
+    assert rig.sample("rlhf_reward_queue_depth") == 6
+    err = await refused(rig.engine.score([text(f"c{i}") for i in range(5)]), ErrorCode.RESOURCE_EXHAUSTED)
+    assert err.message.startswith("server overloaded: 6 items queued (limit 10)"), err.message
+    # The second worker tokenizes another request while the first is held.
+    assert (await rig.engine.score([text("fast")])).results == [ScoredItem(score_of("fast"), 4, False)]
+    backend.block.set()
+    assert len((await slow).results) == 6
+    assert rig.engine.queue_depth == 0 and rig.sample("rlhf_reward_queue_depth") == 0
 
 
 async def test_a_deadline_already_passed_is_refused_before_scoring(make: Factory) -> None:

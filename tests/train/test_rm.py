@@ -81,7 +81,7 @@ def accuracy(scores: np.ndarray) -> float:
 
 async def served_scores(model_dir: Path, items: list[RewardInput]) -> np.ndarray:
     """Scores through the reward engine with the backend ``serve reward --model DIR`` loads."""
-    settings = RewardSettings(model=model_dir, device="cpu", threads=1)
+    settings = RewardSettings(model=model_dir, device="cpu", threads=1, max_request_tokens=1 << 20)
     backend = load_backend(settings)
     engine = RewardEngine(lambda: backend, settings.engine_config())
     await engine.start()

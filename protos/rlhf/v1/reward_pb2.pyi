@@ -138,16 +138,18 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_items_per_request", "max_body_bytes", "max_text_bytes", "max_batch_tokens")
+    __slots__ = ("max_items_per_request", "max_body_bytes", "max_text_bytes", "max_batch_tokens", "max_request_tokens")
     MAX_ITEMS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_BODY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_items_per_request: int
     max_body_bytes: int
     max_text_bytes: int
     max_batch_tokens: int
-    def __init__(self, max_items_per_request: _Optional[int] = ..., max_body_bytes: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ...) -> None: ...
+    max_request_tokens: int
+    def __init__(self, max_items_per_request: _Optional[int] = ..., max_body_bytes: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_request_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("id", "revision", "architecture", "backend", "dtype", "device", "max_length", "num_labels", "label_names", "has_chat_template", "limits")

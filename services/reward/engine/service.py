@@ -1,7 +1,13 @@
 """The reward engine: the one entry point both transports call.
 
-transport → :class:`RewardEngine` (validate, tokenize off the loop, admit) → :class:`Batcher`
-→ backend ``forward`` on the model thread → results back per item.
+transport → :class:`RewardEngine` (validate, admit, tokenize in a small pool, check the token
+budget) → :class:`Batcher` → backend ``forward`` on the model thread → results back per item.
+
+Every request's work is bounded before it can cost much: its items count against the queue
+limit from the moment they are admitted (before tokenization, so ``rlhf_reward_queue_depth``
+shows work still being tokenized and overload is refused at the door), the renderer's work per
+item is bounded by the model's maximum length, and a request whose tokens after truncation
+exceed ``--max-request-tokens`` is refused before anything reaches the model.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,9 +39,10 @@ from services.reward.engine.results import (
 from services.reward.engine.validation import validate_inputs
 from services.reward.metrics import RewardMetrics
 from services.runtime.backends.base import RewardBackend, shared_prefix_fn
-from services.runtime.batcher import Batcher, BatcherConfig
+from services.runtime.batcher import Batcher, BatcherConfig, BatchObserver
 from services.runtime.chat import Prompt
 from services.runtime.items import EncodedItem, ModelInfo, Priority, RewardInput
+from services.runtime.tokenizers import DEFAULT_TOKENIZE_WORKERS, tokenize_pool
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,7 @@ class EngineConfig:
             max_batch_tokens=8192,
         )
     )
+    tokenize_workers: int = DEFAULT_TOKENIZE_WORKERS
     head_weights: tuple[float, ...] | None = None
     normalize_mean: float | None = None
     normalize_std: float | None = None
@@ -75,8 +82,10 @@ class RewardEngine(LifecycleOwner):
         self._batcher: Batcher | None = None
         self._weights: np.ndarray | None = None
         self._normalizer = Normalizer(self.config.normalize_mean, self.config.normalize_std)
-        # One thread: HF fast tokenizers are not safe to call from several threads at once.
-        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="reward-tokenize")
+        # Backends give each thread its own tokenizer copy, so several requests tokenize at once
+        # and one large request cannot hold tokenization for everybody.
+        self._tokenize_pool = tokenize_pool(self.config.tokenize_workers, "reward-tokenize")
+        self._tokenizing = 0  # items admitted and still being tokenized (counted in queue_depth)
         self._grouping = False  # set at start: the backend shares the prefix of a group
         self._group_ids = itertools.count()
 
@@ -94,7 +103,8 @@ class RewardEngine(LifecycleOwner):
 
     @property
     def queue_depth(self) -> int:
-        return self._batcher.queue_depth if self._batcher else 0
+        """Items admitted and not yet in a batch, including those still being tokenized."""
+        return (self._batcher.queue_depth if self._batcher else 0) + self._tokenizing
 
     async def start(self) -> None:
         """Load the model off the event loop, run a warm-up batch, then report ready."""
@@ -109,7 +119,9 @@ class RewardEngine(LifecycleOwner):
         self._backend = backend
         shared = shared_prefix_fn(backend)
         self._grouping = shared is not None
-        self._batcher = Batcher(backend.forward, self.config.batcher, observer=self.metrics, shared_prefix=shared)
+        self._batcher = Batcher(
+            backend.forward, self.config.batcher, observer=_WithTokenizing(self), shared_prefix=shared
+        )
         await self._batcher.start()
         self.lifecycle.set(EngineState.READY)
         log.info("model %s (%s) ready", backend.info.id, backend.info.revision)
@@ -142,15 +154,22 @@ class RewardEngine(LifecycleOwner):
         deadline: float | None,
     ) -> list[_Submitted]:
         validate_inputs(inputs, self.limits)
-        if batcher.queue_depth + len(inputs) > batcher.config.max_queue_items:
+        queued = batcher.queue_depth + self._tokenizing
+        if queued + len(inputs) > batcher.config.max_queue_items:
             # Answer overload before spending time on tokenization.
             raise ServiceError(
                 ErrorCode.RESOURCE_EXHAUSTED,
-                f"server overloaded: {batcher.queue_depth} items queued",
+                f"server overloaded: {queued} items queued (limit {batcher.config.max_queue_items})",
                 retry_after=batcher.retry_after(),
             )
-        loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(self._tokenize_pool, backend.encode, list(inputs))
+        self._tokenizing += len(inputs)
+        self.metrics.on_queue_depth(self.queue_depth)
+        try:
+            encoded = await self._encode(backend, inputs)
+        finally:
+            # No await between here and batcher.submit: the items move from one count to the other.
+            self._tokenizing -= len(inputs)
+            self.metrics.on_queue_depth(self.queue_depth)
         if self._grouping:
             encoded = self._assign_groups(inputs, encoded)
         if deadline is not None and time.monotonic() >= deadline:
@@ -160,6 +179,31 @@ class RewardEngine(LifecycleOwner):
             self.metrics.truncations.inc(truncated)
         futures = batcher.submit(encoded, priority=priority, deadline=deadline)
         return [_Submitted(f, e.num_tokens, e.truncated) for f, e in zip(futures, encoded, strict=True)]
+
+    async def _encode(self, backend: RewardBackend, inputs: Sequence[RewardInput]) -> list[EncodedItem]:
+        """Tokenize in the pool, in chunks sized by what the items may cost, and stop as soon as
+        the tokens kept so far exceed ``--max-request-tokens``: an over-budget request costs at
+        most about one chunk more than the budget, however large it is."""
+        loop = asyncio.get_running_loop()
+        budget = self.limits.max_request_tokens
+        max_length = backend.info.max_length
+        out: list[EncodedItem] = []
+        total = 0
+        start = 0
+        while start < len(inputs):
+            end = _chunk_end(inputs, start, max(1, budget - total), max_length)
+            chunk = await loop.run_in_executor(self._tokenize_pool, backend.encode, list(inputs[start:end]))
+            out.extend(chunk)
+            total += sum(e.num_tokens for e in chunk)
+            if total > budget:
+                self.metrics.refused_over_budget.inc()
+                raise invalid(
+                    f"request too large: its first {end} of {len(inputs)} items already bring {total} tokens "
+                    f"after truncation, over --max-request-tokens {budget}; split it into smaller requests "
+                    "(GET /v1/models reports the limits)"
+                )
+            start = end
+        return out
 
     def _assign_groups(self, inputs: Sequence[RewardInput], encoded: list[EncodedItem]) -> list[EncodedItem]:
         """Items of this request with equal prompts share a group id (unique across requests)."""
@@ -279,6 +323,62 @@ class RewardEngine(LifecycleOwner):
         probs = [e / total for e in exp]
         ranking = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
         return CompareOutcome(outcome.model, scores, probs, ranking)
+
+
+def _size_bound(x: RewardInput, max_length: int) -> int:
+    """A cheap guess of an item's tokens after truncation (characters, plus a few template tokens
+    per message), never above ``max_length``: it only sizes tokenization chunks."""
+    if x.text is not None:
+        chars = len(x.text)
+    elif x.messages is not None:
+        chars = sum(len(m.content) + 8 for m in x.messages)
+    else:
+        prompt = x.prompt if isinstance(x.prompt, str) else "".join(m.content + " " * 8 for m in x.prompt or ())
+        chars = len(prompt or "") + len(x.response or "") + 16
+    return min(max_length, chars + 8)
+
+
+def _chunk_end(inputs: Sequence[RewardInput], start: int, remaining: int, max_length: int) -> int:
+    """End of the next tokenization chunk: items from ``start`` while their guessed size fits
+    ``remaining`` tokens (at least one item)."""
+    end, guess = start, 0
+    while end < len(inputs):
+        guess += _size_bound(inputs[end], max_length)
+        if guess > remaining and end > start:
+            break
+        end += 1
+    return end
+
+
+class _WithTokenizing:
+    """The metrics observer, with the queue depth counting items still being tokenized."""
+
+    def __init__(self, engine: RewardEngine) -> None:
+        self._engine = engine
+        self._metrics: BatchObserver = engine.metrics
+
+    def on_queue_depth(self, items: int) -> None:
+        self._metrics.on_queue_depth(items + self._engine._tokenizing)
+
+    def on_batch(
+        self,
+        *,
+        items: int,
+        padded_tokens: int,
+        real_tokens: int,
+        queue_seconds: Sequence[float],
+        prefix_tokens_saved: int = 0,
+    ) -> None:
+        self._metrics.on_batch(
+            items=items,
+            padded_tokens=padded_tokens,
+            real_tokens=real_tokens,
+            queue_seconds=queue_seconds,
+            prefix_tokens_saved=prefix_tokens_saved,
+        )
+
+    def on_inference(self, seconds: float) -> None:
+        self._metrics.on_inference(seconds)
 
 
 def _prompt_key(x: RewardInput) -> object | None:

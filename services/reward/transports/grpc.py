@@ -133,6 +133,7 @@ def model_info_to_grpc(info: ModelInfo, limits: Limits) -> pb.ModelInfo:
             max_body_bytes=limits.max_body_bytes,
             max_text_bytes=limits.max_text_bytes,
             max_batch_tokens=limits.max_batch_tokens,
+            max_request_tokens=limits.max_request_tokens,
         ),
     )
 

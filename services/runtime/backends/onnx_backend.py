@@ -30,6 +30,7 @@ import numpy as np
 from services.runtime.backends.layout import pad_rows, read_position
 from services.runtime.items import EncodedItem, ModelInfo, RewardInput
 from services.runtime.rendering import Renderer, model_max_length
+from services.runtime.tokenizers import PerThread
 
 MANIFEST_FILE = "onnx_export.json"
 MODEL_FILE = "model.onnx"
@@ -156,6 +157,7 @@ class OnnxRewardBackend:
         # What we pad with; never read (read positions are per item, encoders are masked).
         self._pad_with = self.pad_token_id if self.pad_token_id is not None else (self.tokenizer.pad_token_id or 0)
         self.renderer = Renderer(self.tokenizer, model_max_length(self.tokenizer, config, max_length))
+        self._renderers = PerThread(self.renderer)
         self.info = ModelInfo(
             id=model_id or self.manifest.model_id,
             revision=weights_revision(export_dir),
@@ -170,7 +172,8 @@ class OnnxRewardBackend:
         )
 
     def encode(self, inputs: Sequence[RewardInput]) -> list[EncodedItem]:
-        return self.renderer.encode(inputs)
+        """Thread-safe: each calling thread renders with its own copy of the tokenizer."""
+        return self._renderers.get().encode(inputs)
 
     def feeds(self, batch: Sequence[EncodedItem]) -> dict[str, np.ndarray]:
         """The session inputs for one batch: right padding, per-item read positions."""

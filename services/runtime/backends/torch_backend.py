@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from services.runtime.backends.layout import pad_rows, read_position
-from services.runtime.device import Dtype, resolve_device, torch_dtype, weights_revision
+from services.runtime.device import Dtype, resolve_device, resolve_dtype, torch_dtype, weights_revision
 from services.runtime.items import EncodedItem, ModelInfo, RewardInput
 from services.runtime.rendering import Renderer, model_max_length
+from services.runtime.tokenizers import PerThread
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,9 @@ class TorchRewardBackend:
         if threads is not None:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch_dtype(dtype))
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch_dtype(self.dtype))
         self.model.to(self.device).eval()
         config = self.model.config
         self.padding_side = padding_side
@@ -80,13 +82,14 @@ class TorchRewardBackend:
         # What we pad with; never read by the head (positions are computed per item).
         self._pad_with = self.pad_token_id if self.pad_token_id is not None else (self.tokenizer.pad_token_id or 0)
         self.renderer = Renderer(self.tokenizer, model_max_length(self.tokenizer, config, max_length))
+        self._renderers = PerThread(self.renderer)
         meta = _read_meta(model_dir)
         self.info = ModelInfo(
             id=model_id or meta.get("model_id") or model_dir.name,
             revision=weights_revision(model_dir),
             architecture=(config.architectures or [type(self.model).__name__])[0],
             backend="torch",
-            dtype=dtype,
+            dtype=self.dtype,
             device=str(self.device),
             max_length=self.renderer.max_length,
             num_labels=int(config.num_labels),
@@ -97,7 +100,8 @@ class TorchRewardBackend:
     # -- stage 1: render + tokenize -------------------------------------------------------------
 
     def encode(self, inputs: Sequence[RewardInput]) -> list[EncodedItem]:
-        return self.renderer.encode(inputs)
+        """Thread-safe: each calling thread renders with its own copy of the tokenizer."""
+        return self._renderers.get().encode(inputs)
 
     # -- stage 2: forward -------------------------------------------------------------------------
 
