@@ -1,4 +1,5 @@
-"""Dynamic batcher: token-budget batches, length-sorted, online before batch work.
+"""Dynamic batcher: token-budget batches, length-sorted, online before batch work, fair
+between the requests of one priority.
 
 One future per item. Items of one ``group`` (one prompt, several responses) whose backend
 shares their common token prefix travel as one unit: never split across batches (unless
@@ -8,16 +9,24 @@ prefix once plus every suffix padded. The scheduler forms a batch only when the 
 (at most one batch waits while another runs), drops cancelled and expired items before the
 forward pass, and settles every future it took, also when the backend raises or returns the
 wrong number of rows.
+
+Fairness is start-time fair queueing with one flow per :meth:`Batcher.submit` call: each unit
+gets a virtual start tag, the request's first unit the priority's virtual time ``V`` and each
+next one the previous tag plus the previous unit's token cost, and batches are formed from the
+lowest tags. A request submitted while a 2,000-item one runs starts just ahead of that one's
+remaining units and goes into the next batch that starts (a batch formed while another
+runs is formed again when it starts if a request of its priority or a higher one arrived
+meanwhile); two large requests interleave instead of one waiting for the other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -88,7 +97,6 @@ class _Pending:
     item: EncodedItem
     future: asyncio.Future[np.ndarray]
     deadline: float | None
-    seq: int
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -102,10 +110,6 @@ class _Unit:
     members: list[_Pending]
     prefix: int
     width: int
-
-    @property
-    def seq(self) -> int:
-        return self.members[0].seq
 
     @property
     def enqueued(self) -> float:
@@ -149,15 +153,15 @@ def _real_tokens(u: _Unit) -> int:
     return sum(p.item.num_tokens for p in u.members) - (len(u.members) - 1) * u.prefix
 
 
-def _around_oldest(window: Sequence[_Unit], limit: int) -> list[int]:
-    """Indices of one batch from a length-sorted window: the oldest unit, then its neighbours in
-    length order, one at a time from whichever side adds less padding, while the batch fits.
+def _around(window: Sequence[_Unit], anchor: int, limit: int) -> list[int]:
+    """Indices of one batch from a length-sorted window: the anchor (the unit with the lowest
+    tag), then its neighbours in length order, one at a time from whichever side adds less
+    padding, while the batch fits.
 
-    Anchoring on the oldest bounds every item's wait (filling from the shortest starves long
+    Anchoring on the lowest tag bounds every item's wait (filling from the shortest starves long
     items under a steady stream of short ones, and the p99 latency with them); growing a
     contiguous run of the sorted window keeps padding as low as the window allows.
     """
-    anchor = min(range(len(window)), key=lambda i: window[i].seq)
     cost = _Cost()
     cost.add(window[anchor])
     real = _real_tokens(window[anchor])
@@ -178,6 +182,72 @@ def _around_oldest(window: Sequence[_Unit], limit: int) -> list[int]:
         real += _real_tokens(window[idx])
         lo, hi = min(lo, idx), max(hi, idx)
     return list(range(lo, hi + 1))
+
+
+# (virtual start tag, arrival number, unit). Tuples, so that the queue sorts and bisects in C;
+# the arrival number is unique, so two entries never compare their units.
+_Entry = tuple[float, int, _Unit]
+
+
+class _FairQueue:
+    """One priority's queued units, sorted by virtual start tag, and its virtual time.
+
+    Tags are in tokens (a unit's :attr:`_Unit.cost`), not items: a request of long items and one
+    of short items then share the model's time, which is what a waiting client feels. ``vtime``
+    is the highest finish tag (start + cost) of a unit a started batch was anchored on. A new
+    request starts at ``vtime - 0.5``; each batch is anchored either on a unit tagged below that
+    (finitely many: none is added) or on one that moves ``vtime`` on by at least half a token. So
+    a queued unit is overtaken by newer requests a bounded number of times, also under a steady
+    stream of small requests: it gets at least an equal share with each request queued beside it.
+    """
+
+    __slots__ = ("entries", "vtime")
+
+    def __init__(self) -> None:
+        self.entries: list[_Entry] = []
+        self.vtime = 0.0
+
+    def add(self, units: Sequence[_Unit], seq: itertools.count[int]) -> None:
+        """Queue one request's units, tagged from half a token before ``vtime``.
+
+        The anchor's next unit in its own request is tagged exactly ``vtime``: starting half a
+        token earlier puts a new request ahead of it, so the new request anchors the next batch
+        that starts, instead of possibly missing it when its length is far from the anchor's.
+        """
+        tags = itertools.accumulate((u.cost for u in units), initial=self.vtime - 0.5)
+        # Not strict: ``seq`` never ends, and ``tags`` has one more; zip stops after the last unit.
+        self.merge(list(zip(tags, seq, units, strict=False)))
+
+    def merge(self, new: list[_Entry]) -> None:
+        """Insert ``new`` (sorted): only the queued entries between its first and last tag are
+        re-sorted with it, and timsort merges those two sorted runs in linear time."""
+        if not new:
+            return
+        q = self.entries
+        lo = bisect.bisect_right(q, new[0])
+        hi = bisect.bisect_right(q, new[-1], lo)
+        if lo == hi:
+            q[lo:lo] = new
+            return
+        span = q[lo:hi]
+        span.extend(new)
+        span.sort()
+        q[lo:hi] = span
+
+
+@dataclass(eq=False)
+class _Formed:
+    """A batch formed for the worker: its entries (length-sorted), where they came from, the
+    anchor's finish tag (the queue's ``vtime`` once the batch starts) and the arrival count at
+    forming (to re-form it when a request arrived meanwhile)."""
+
+    priority: Priority
+    entries: list[_Entry]
+    finish: float
+    arrivals: int
+
+    def units(self) -> list[_Unit]:
+        return [e[2] for e in self.entries]
 
 
 def padded_tokens(lengths: Sequence[int]) -> int:
@@ -203,13 +273,14 @@ class Batcher:
         self._observer: BatchObserver = observer or _NullObserver()
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="reward-forward")
         self._owns_executor = executor is None
-        self._queues: dict[Priority, deque[_Unit]] = {p: deque() for p in Priority}
+        self._queues: dict[Priority, _FairQueue] = {p: _FairQueue() for p in Priority}
         self._queued = 0
         self._seq = itertools.count()
+        self._arrivals = dict.fromkeys(Priority, 0)  # submit() calls so far
         self._wakeup = asyncio.Event()
         # Two slots: one batch running, at most one formed and waiting for the worker.
         self._slots = asyncio.Semaphore(2)
-        self._handoff: asyncio.Queue[list[_Unit]] = asyncio.Queue(maxsize=1)
+        self._handoff: asyncio.Queue[_Formed] = asyncio.Queue(maxsize=1)
         self._tasks: list[asyncio.Task[None]] = []
         self._busy = 0  # batches taken by the worker and not yet settled
         self._seconds_per_item = 0.05  # running estimate, for Retry-After
@@ -249,15 +320,18 @@ class Batcher:
         queue = self._queues[priority]
         futures: list[asyncio.Future[np.ndarray]] = [loop.create_future() for _ in items]
         now = time.monotonic()
-        pending = [_Pending(it, f, deadline, next(self._seq), now) for it, f in zip(items, futures, strict=True)]
+        pending = [_Pending(it, f, deadline, now) for it, f in zip(items, futures, strict=True)]
+        units: list[_Unit] = []
         groups: dict[int, list[_Pending]] = {}
         for p in pending:
             if p.item.group is None or self._shared_prefix is None:
-                queue.append(_Unit([p], 0, max(1, p.item.num_tokens)))
+                units.append(_Unit([p], 0, max(1, p.item.num_tokens)))
             else:
                 groups.setdefault(p.item.group, []).append(p)
         for members in groups.values():
-            queue.extend(self._group_units(members))
+            units.extend(self._group_units(members))
+        queue.add(units, self._seq)
+        self._arrivals[priority] += 1
         self._queued += len(items)
         self._observer.on_queue_depth(self._queued)
         self._wakeup.set()
@@ -327,13 +401,14 @@ class Batcher:
         self._tasks = []
         err = ServiceError(ErrorCode.UNAVAILABLE, "server shutting down")
         while not self._handoff.empty():
-            for u in self._handoff.get_nowait():
+            for u in self._handoff.get_nowait().units():
                 for p in u.members:
                     _settle_error(p, err)
         for queue in self._queues.values():
-            while queue:
-                for p in queue.popleft().members:
+            for _, _, u in queue.entries:
+                for p in u.members:
                     _settle_error(p, err)
+            queue.entries.clear()
         self._queued = 0
         if self._owns_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -343,9 +418,9 @@ class Batcher:
     async def _schedule(self) -> None:
         while True:
             await self._slots.acquire()
-            batch: list[_Unit] = []
+            batch: _Formed | None = None
             try:
-                while not batch:
+                while batch is None:
                     while self._queued == 0:
                         self._wakeup.clear()
                         await self._wakeup.wait()
@@ -354,17 +429,18 @@ class Batcher:
                 await self._handoff.put(batch)
             except BaseException:
                 self._slots.release()
-                for u in batch:
+                for u in batch.units() if batch is not None else []:
                     for p in u.members:
                         _settle_error(p, ServiceError(ErrorCode.UNAVAILABLE, "server shutting down"))
                 raise
 
     async def _gather_window(self) -> None:
-        """Wait up to max_wait_ms after the oldest item for more to arrive, unless a batch is full."""
+        """Wait up to max_wait_ms after the first queued unit (the next anchor) arrived for more to
+        arrive, unless a batch is full."""
         wait_s = self.config.max_wait_ms / 1000.0
         if wait_s <= 0:
             return
-        oldest = min(q[0].enqueued for q in self._queues.values() if q)
+        oldest = min(q.entries[0][2].enqueued for q in self._queues.values() if q.entries)
         while True:
             remaining = oldest + wait_s - time.monotonic()
             if remaining <= 0 or self._queued_tokens_at_least(self.config.max_batch_tokens):
@@ -378,54 +454,83 @@ class Batcher:
     def _queued_tokens_at_least(self, budget: int) -> bool:
         total = 0
         for queue in self._queues.values():
-            for u in queue:
+            for _, _, u in queue.entries:
                 total += u.cost
                 if total >= budget:
                     return True
         return False
 
-    def _form_batch(self) -> list[_Unit]:
-        """Take a window of the oldest items of the highest priority, sort it by length, and build
-        the batch around the oldest unit (see :func:`_around_oldest`); the rest go back to the
-        front of their queue."""
+    def _form_batch(self) -> _Formed | None:
+        """Take a window of the lowest-tag items of the highest priority, sort it by length, and
+        build the batch around the lowest-tag unit (see :func:`_around`); the rest stay at the
+        front of their queue, in tag order."""
         now = time.monotonic()
         limit = self.config.max_batch_tokens
         for priority in Priority:
             queue = self._queues[priority]
-            window: list[_Unit] = []
-            taken = 0
-            while queue and taken < self.config.sort_window_items:
-                u = queue.popleft()
+            entries = queue.entries
+            window: list[_Entry] = []
+            taken = end = 0
+            while end < len(entries) and taken < self.config.sort_window_items:
+                tag, seq, u = entries[end]
+                end += 1
                 self._queued -= len(u.members)
                 taken += len(u.members)
                 live = self._prune(u, now)
                 if live is not None:
-                    window.append(live)
+                    window.append((tag, seq, live))
             if not window:
+                del entries[:end]
                 continue
-            window.sort(key=lambda u: u.width)
-            chosen = _around_oldest(window, limit)
-            batch = [window[i] for i in chosen]
-            taken_idx = set(chosen)
-            rest = [u for i, u in enumerate(window) if i not in taken_idx]
-            rest.sort(key=lambda u: u.seq)
-            queue.extendleft(reversed(rest))
-            self._queued += sum(len(u.members) for u in rest)
+            by_width = sorted(window, key=lambda e: e[2].width)
+            chosen = _around([e[2] for e in by_width], by_width.index(window[0]), limit)
+            batch = [by_width[i] for i in chosen]
+            in_batch = {e[1] for e in batch}
+            rest = [e for e in window if e[1] not in in_batch]
+            entries[:end] = rest
+            self._queued += sum(len(e[2].members) for e in rest)
             self._observer.on_queue_depth(self._queued)
-            return batch
+            tag, _, anchor = window[0]
+            return _Formed(priority, batch, tag + anchor.cost, self._arrivals_up_to(priority))
         self._observer.on_queue_depth(self._queued)
-        return []
+        return None
+
+    def _arrivals_up_to(self, priority: Priority) -> int:
+        """Requests submitted so far at ``priority`` or a more urgent one: those that can change
+        which batch ``priority`` work forms."""
+        total = 0
+        for p in Priority:
+            total += self._arrivals[p]
+            if p is priority:
+                return total
+        return total
+
+    def _reform(self, formed: _Formed) -> _Formed | None:
+        """Put a formed batch back and form it again: a request that arrived while it waited for
+        the worker may be tagged ahead of its anchor (or be online work ahead of batch work), and
+        without this would wait one more batch."""
+        self._queues[formed.priority].merge(sorted(formed.entries))
+        self._queued += sum(len(e[2].members) for e in formed.entries)
+        return self._form_batch()
 
     # -- the model worker ---------------------------------------------------------------------
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._handoff.get()
+            formed: _Formed | None = await self._handoff.get()
             self._busy += 1
             try:
+                if formed is not None and formed.arrivals != self._arrivals_up_to(formed.priority):
+                    formed = self._reform(formed)
+                    self._wakeup.set()  # what it left queued is the scheduler's next batch
+                if formed is None:
+                    continue
+                # The batch starts: new requests are tagged from its anchor's finish.
+                queue = self._queues[formed.priority]
+                queue.vtime = max(queue.vtime, formed.finish)
                 now = time.monotonic()
-                live = [v for v in (self._prune(u, now) for u in batch) if v is not None]
+                live = [v for v in (self._prune(u, now) for u in formed.units()) if v is not None]
                 if live:
                     await self._run(loop, live, now)
             finally:

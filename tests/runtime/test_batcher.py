@@ -201,8 +201,9 @@ async def test_stop_settles_everything_still_queued() -> None:
 
 
 async def test_the_oldest_item_is_never_starved_by_shorter_newcomers() -> None:
-    """Each batch holds the oldest queued item, so a long item waits for at most one batch
-    formed after it was queued, however many short items keep arriving."""
+    """Each batch holds the lowest-tagged queued item (requests submitted between two batches
+    start at the same tag, so here the oldest), so a long item waits for at most one batch formed
+    after it was queued, however many short items keep arriving."""
     rec = Recorder()
     batcher = await make(rec, max_batch_tokens=40)
     try:
