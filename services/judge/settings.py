@@ -35,6 +35,17 @@ class JudgeSettings(ServiceSettings):
     http_port: int = Field(8001, ge=0, le=65535, description="HTTP port; 0 disables HTTP.")
     grpc_port: int = Field(50052, ge=0, le=65535, description="gRPC port; 0 disables gRPC.")
     max_items_per_request: int = Field(128, gt=0, description="Most responses one rank request may carry.")
+    max_prompt_chars: int | None = Field(
+        None,
+        gt=0,
+        description="Longest judge prompt, in characters: all the messages one verdict sends, as rendered "
+        "(template, prompt, responses, reference, rubric, principle). A request whose prompt would be longer is "
+        "refused (400 / INVALID_ARGUMENT, with the sizes) before anything is tokenized or sent. Characters, not "
+        "tokens: counted before any tokenizer runs, the same for every backend. Unset: what the backend can "
+        "read: local, the model's maximum length x 16 characters per token (131072 for the embedded SmolLM2's "
+        "8192 tokens); openai, anthropic, openai-compatible: 1000000 (about 250k tokens at 4 characters per "
+        "token, more than a 200k-token context).",
+    )
 
     # -- the backend -----------------------------------------------------------------------------
     backend: Backend = Field(
@@ -83,8 +94,9 @@ class JudgeSettings(ServiceSettings):
     max_queue_items: int = Field(
         10_000,
         gt=0,
-        description="Provider calls admitted and not finished (waiting for the rate limiter or running); "
-        "beyond it requests get 429 / RESOURCE_EXHAUSTED with a retry delay at once.",
+        description="Provider calls admitted and not finished (waiting for the rate limiter or running; local: "
+        "also verdicts waiting to be tokenized or batched); beyond it requests get 429 / RESOURCE_EXHAUSTED "
+        "with a retry delay at once.",
     )
     max_retries: int = Field(
         4, ge=0, description="Retries of a provider call after 408/409/429/5xx/timeouts (jittered backoff)."
@@ -116,7 +128,12 @@ class JudgeSettings(ServiceSettings):
     seed: int = Field(0, description="Seed of the deterministic choices (order for 'single', principles, pairs).")
 
     # -- the local backend ---------------------------------------------------------------------------
-    dtype: Dtype = Field("float32", description="local: weights and compute dtype.")
+    dtype: Dtype = Field(
+        "float32",
+        description="local: weights and compute dtype. auto: bfloat16 where the hardware computes it natively "
+        "(CUDA with bf16, a CPU with AVX-512 BF16 or AMX), float32 elsewhere; bfloat16 on a CPU without it is "
+        "several times slower than float32 (a warning says so).",
+    )
     device: str = Field("auto", description="local: cpu, cuda, cuda:N, or auto (cuda when present).")
     threads: int | None = Field(None, gt=0, description="local: torch intra-op threads (default: torch's choice).")
     max_batch_tokens: int = Field(
@@ -192,6 +209,8 @@ class JudgeSettings(ServiceSettings):
             "device": self.device,
             "threads": self.threads,
             "max_batch_tokens": self.max_batch_tokens,
+            "max_queue_items": self.max_queue_items,
+            "max_prompt_chars": self.max_prompt_chars,
         }
 
     def engine_config(self) -> JudgeEngineConfig:
@@ -215,6 +234,7 @@ class JudgeSettings(ServiceSettings):
             seed=self.seed,
             max_items_per_request=self.max_items_per_request,
             max_text_bytes=self.max_text_bytes,
+            max_prompt_chars=self.max_prompt_chars,
         )
 
 

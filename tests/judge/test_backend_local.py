@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -174,3 +175,44 @@ async def test_embedded_smollm2_judge() -> None:
         assert reply.probs["A"] == pytest.approx(ref["A"], abs=1e-4)
     finally:
         await backend.aclose()
+
+
+async def test_tokenization_runs_in_the_pool_behind_an_admission_permit(causal_dir: Path) -> None:
+    """Verdicts waiting to be tokenized count against max_queue_items: beyond it a verdict is refused
+    at once, as a rate limit, before it is tokenized; the tokenizing itself is off the event loop."""
+    backend = LocalBackend(causal_dir, device="cpu", max_queue_items=1)
+    entered, gate = threading.Event(), threading.Event()
+    threads: list[str] = []
+    encode = backend.encode
+
+    def held(q: VerdictQuery) -> EncodedItem:
+        threads.append(threading.current_thread().name)
+        entered.set()
+        gate.wait(30)
+        return encode(q)
+
+    backend.encode = held  # type: ignore[method-assign,assignment]
+    try:
+        first = asyncio.create_task(backend.verdict(query(PROMPTS[0])))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        with pytest.raises(UpstreamError) as info:
+            await backend.verdict(query(PROMPTS[1]))
+        assert info.value.rate_limited and info.value.retryable
+        assert "1 verdicts being tokenized and 0 queued (limit 1)" in str(info.value)
+        assert threads == [threads[0]] and threads[0].startswith("judge-tokenize")
+        gate.set()
+        assert (await first).probs is not None
+        assert (await backend.verdict(query(PROMPTS[1]))).probs is not None  # the permit came back
+    finally:
+        gate.set()
+        await backend.aclose()
+
+
+async def test_a_prompt_over_the_character_budget_is_refused_before_tokenizing(loaded: LocalBackend) -> None:
+    assert loaded.max_prompt_chars == loaded.max_length * 16
+    with pytest.raises(UpstreamError) as info:
+        await loaded.verdict(query("x" * loaded.max_prompt_chars))
+    assert not info.value.retryable
+    assert f"characters, over the limit of {loaded.max_prompt_chars}" in str(info.value)
+    await loaded.aclose()

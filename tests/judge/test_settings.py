@@ -80,3 +80,14 @@ def test_every_flag_has_help_and_an_env_var() -> None:
         assert action.help and "env: RLHF_FEEDBACK_" in action.help, action.dest
     assert JudgeSettings.env_var("model") == "RLHF_FEEDBACK_JUDGE_MODEL"
     assert JudgeSettings.env_var("api_key") == "RLHF_FEEDBACK_API_KEY"
+
+
+def test_max_prompt_chars_reaches_the_engine_and_the_local_backend() -> None:
+    s = parse([])
+    assert s.max_prompt_chars is None and s.engine_config().max_prompt_chars is None  # the backend's default
+    assert s.backend_options()["max_prompt_chars"] is None
+    s = parse(["--max-prompt-chars", "50000"], {"RLHF_FEEDBACK_JUDGE_MAX_QUEUE_ITEMS": "64"})
+    assert s.engine_config().max_prompt_chars == 50_000 and s.engine_config().limits.max_prompt_chars == 50_000
+    assert s.backend_options()["max_prompt_chars"] == 50_000 and s.backend_options()["max_queue_items"] == 64
+    with pytest.raises(SettingsError):
+        parse(["--max-prompt-chars", "0"])

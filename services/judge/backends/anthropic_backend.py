@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from services.judge.backends._common import parse_choice, parse_json_object, upstream_error_for_status
-from services.judge.backends.base import BackendInfo, UnparseableReply, UpstreamError
+from services.judge.backends.base import DEFAULT_MAX_PROMPT_CHARS, BackendInfo, UnparseableReply, UpstreamError
 from services.judge.types import Usage, VerdictQuery, VerdictReply
 from services.runtime.chat import ChatMessage
 
@@ -78,6 +78,8 @@ def _probability(value: Any) -> float | None:
 
 class AnthropicBackend:
     """``mode="verbalised"`` (one call) or ``mode="samples"`` (``samples`` calls, vote shares)."""
+
+    max_prompt_chars = DEFAULT_MAX_PROMPT_CHARS  # the engine's prompt budget unless --max-prompt-chars
 
     def __init__(
         self,

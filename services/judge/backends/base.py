@@ -12,6 +12,12 @@ from typing import Protocol
 
 from services.judge.types import VerdictQuery, VerdictReply
 
+# The longest judge prompt a provider backend is sent, in characters, unless --max-prompt-chars
+# says otherwise: about 250k tokens at 4 characters per token, more than a 200k-token context
+# holds. A backend that knows what its model can read (the local one) has its own
+# ``max_prompt_chars``; the engine refuses longer prompts before calling any backend.
+DEFAULT_MAX_PROMPT_CHARS = 1_000_000
+
 
 @dataclass(frozen=True)
 class BackendInfo:
@@ -45,6 +51,9 @@ class UnparseableReply(Exception):
 
 
 class JudgeBackend(Protocol):
+    """A judge backend. It may also have ``max_prompt_chars`` (int): the longest prompt it can
+    read, the engine's budget when ``--max-prompt-chars`` is unset."""
+
     info: BackendInfo
 
     def sampling_key(self) -> dict[str, object]:

@@ -37,18 +37,24 @@ def build_backend(
     device: str = "auto",
     threads: int | None = None,
     max_batch_tokens: int = 8192,
+    max_queue_items: int = 8192,
+    max_prompt_chars: int | None = None,
 ) -> JudgeBackend:
     """One backend. ``soft_mode``/``samples`` apply to ``anthropic``; ``top_logprobs`` to the
-    openai backends; ``dtype``/``device``/``threads``/``max_batch_tokens`` to ``local`` (whose
-    ``model`` is a checkpoint folder). ``temperature`` None means each backend's default (0 for
-    openai; the provider's default for anthropic)."""
+    openai backends; ``dtype``/``device``/``threads``/``max_batch_tokens``/``max_queue_items``/
+    ``max_prompt_chars`` to ``local`` (whose ``model`` is a checkpoint folder; the engine enforces
+    ``max_prompt_chars`` for every backend). ``temperature`` None means each backend's default (0
+    for openai; the provider's default for anthropic)."""
     if name == "local":
         if base_url:
             raise BackendConfigError("--base-url does not apply to the local backend (did you mean openai-compatible?)")
         from services.judge.backends.local_backend import LocalBackend
 
         try:
-            return LocalBackend(model, dtype=dtype, device=device, threads=threads, max_batch_tokens=max_batch_tokens)
+            return LocalBackend(
+                model, dtype=dtype, device=device, threads=threads, max_batch_tokens=max_batch_tokens,
+                max_queue_items=max_queue_items, max_prompt_chars=max_prompt_chars,
+            )  # fmt: skip
         except (FileNotFoundError, ValueError) as exc:
             raise BackendConfigError(f"the local backend cannot load --model {model or '(default)'}: {exc}") from None
     if name in ("openai", "openai-compatible"):

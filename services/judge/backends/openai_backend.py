@@ -32,7 +32,7 @@ from services.judge.backends._common import (
     upstream_error_for_status,
     verdict_schema,
 )
-from services.judge.backends.base import BackendInfo, UnparseableReply, UpstreamError
+from services.judge.backends.base import DEFAULT_MAX_PROMPT_CHARS, BackendInfo, UnparseableReply, UpstreamError
 from services.judge.types import Usage, VerdictQuery, VerdictReply
 
 if TYPE_CHECKING:
@@ -136,6 +136,8 @@ class OpenAIBackend:
     field: OpenAI deprecated ``max_tokens`` for ``max_completion_tokens``; compatible servers
     mostly know ``max_tokens`` (the defaults follow that). ``top_logprobs=0`` asks for none.
     """
+
+    max_prompt_chars = DEFAULT_MAX_PROMPT_CHARS  # the engine's prompt budget unless --max-prompt-chars
 
     def __init__(
         self,

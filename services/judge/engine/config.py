@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from services.judge.backends.base import DEFAULT_MAX_PROMPT_CHARS
+
 PrincipleMode = Literal["one", "ensemble"]
 
 # Grade verdicts are single tokens: the digits 0..9.
@@ -60,6 +62,8 @@ class JudgeEngineConfig:
     - ``max_items_per_request``: most responses one request may carry (``--max-items-per-request``).
     - ``max_text_bytes``: longest single text (prompt, message, response, rubric, reference,
       principle) in UTF-8 bytes (``--max-text-bytes``).
+    - ``max_prompt_chars``: longest rendered judge prompt, in characters (``--max-prompt-chars``);
+      None: the backend's own ``max_prompt_chars``, else :data:`DEFAULT_MAX_PROMPT_CHARS`.
     """
 
     tie_margin: float = 0.05
@@ -84,6 +88,7 @@ class JudgeEngineConfig:
     call_timeout_s: float | None = None
     max_items_per_request: int = 128
     max_text_bytes: int = 256 * 2**10
+    max_prompt_chars: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.tie_margin < 0.5:
@@ -117,6 +122,8 @@ class JudgeEngineConfig:
         for name in ("max_items_per_request", "max_text_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError("max_prompt_chars must be >= 1 (or None for the backend's default)")
 
     @property
     def limits(self) -> JudgeLimits:
@@ -124,6 +131,7 @@ class JudgeEngineConfig:
         return JudgeLimits(
             max_items_per_request=self.max_items_per_request,
             max_text_bytes=self.max_text_bytes,
+            max_prompt_chars=self.max_prompt_chars or DEFAULT_MAX_PROMPT_CHARS,
             max_queue_items=self.max_queue_items,
             max_concurrency=self.max_concurrency,
             rpm=self.rpm,
@@ -147,6 +155,7 @@ class JudgeLimits:
     max_tokens_total: int | None
     rank_max_pairs: int
     grade_scale_bounds: tuple[int, int]  # a scale [lo, hi] needs bounds[0] <= lo < hi <= bounds[1]
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS  # the rendered judge prompt, in characters
 
 
 def price_for(prices: Mapping[str, tuple[float, float]], model: str) -> tuple[float, float]:

@@ -6,13 +6,20 @@ A template set is a folder of ``.md`` files (``pairwise``, ``pairwise_reference`
 appears inside a candidate text is never expanded. The template hash (sha256 of every file of
 the set, 12 hex digits) goes into every response and every cache key.
 
-Fences: each data section (request, reference, responses) sits between ``<<<NAME_nonce>>>`` and
-``<<<END_NAME_nonce>>>``. The nonce comes from a hash of the whole item, so it is stable (the
-cache key stays stable) yet unknowable to the author of a response (it depends on that very
-text). On top of that, data texts are escaped: runs of three or more ``<`` or ``>`` become
-``‹``/``›`` runs, so nothing inside data can even look like a fence line, and chat-template role
-markers (``<|im_start|>`` and the like) are broken up (``<|`` → ``< |``, ``|>`` → ``| >``).
-The system message tells the judge that fenced text is data, never instructions.
+Fences: each data section (request, reference, responses) and each criteria block (the request's
+rubric, a principle) sits between ``<<<NAME_nonce>>>`` and ``<<<END_NAME_nonce>>>``. The nonce
+comes from a hash of the whole item, so it is stable (the cache key stays stable) yet unknowable
+to the author of a response, rubric or principle (it depends on that very text). On top of that,
+every text a request brings (prompt, responses, reference, rubric, principles) is escaped
+(:func:`escape_data`): runs of three or more ``<`` or ``>`` become ``‹``/``›`` runs, so nothing
+inside can even look like a fence line, and chat-template turn markers are broken up (``<|`` →
+``< |``, ``|>`` → ``| >`` for ChatML and Llama 3; ``< start_of_turn>`` for Gemma; ``[ INST]`` and
+``<< SYS>>`` for Llama 2 and Mistral). The system message tells the judge that fenced text never
+instructs it: data is evaluated, a rubric or principle only names the criteria.
+
+Escaping is what a remote model sees. The local backend also tokenizes every special or added
+token of its model that appears in a message's content as plain text (see
+:mod:`services.judge.backends.local_tokens`), whatever its spelling.
 """
 
 from __future__ import annotations
@@ -32,11 +39,26 @@ _SECTION = re.compile(r"^=== ([a-z_]+) ===[ \t]*$", re.MULTILINE)
 _PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}")
 
 
+# Turn markers of the chat formats whose markers are not "<|...|>": Gemma's, and Llama 2's and
+# Mistral's. A server that renders a chat template and honours special tokens inside message
+# content (vLLM does) would read them as real turns; a space after the opening bracket makes them
+# plain text for every tokenizer, and a reader still sees what was written.
+_TURN_MARKERS = re.compile(r"<(?=/?(?:start_of_turn|end_of_turn)>)|\[(?=/?(?:INST|SYSTEM_PROMPT)\])|<<(?=/?SYS>>)")
+
+
 def escape_data(text: str) -> str:
-    """Make a data text unable to close or open a fence, or to forge a chat-template role turn."""
-    text = re.sub(r"<{3,}", lambda m: "‹" * len(m.group()), text)
-    text = re.sub(r">{3,}", lambda m: "›" * len(m.group()), text)
-    return text.replace("<|", "< |").replace("|>", "| >")
+    """Make a request's text unable to close or open a fence, or to forge a chat-template turn."""
+    # Each rule only where it can apply: a substring test is ~50x cheaper than a substitution
+    # pass, and a prompt of a million characters is escaped on the event loop.
+    if "<<<" in text:
+        text = re.sub(r"<{3,}", lambda m: "‹" * len(m.group()), text)
+    if ">>>" in text:
+        text = re.sub(r">{3,}", lambda m: "›" * len(m.group()), text)
+    if "_of_turn>" in text or "INST]" in text or "SYSTEM_PROMPT]" in text or "SYS>>" in text:
+        text = _TURN_MARKERS.sub(lambda m: m.group() + " ", text)
+    if "|" in text:
+        text = text.replace("<|", "< |").replace("|>", "| >")
+    return text
 
 
 def render_prompt(prompt: JudgePrompt) -> str:
@@ -112,14 +134,20 @@ class TemplateSet:
             for section in ("system", "user", "verdict", "verdict_rationale"):
                 self._templates[kind].section(section)
 
-    def criteria(self, rubric: str | None, principle: str | None) -> str:
+    def criteria(self, rubric: str | None, principle: str | None, *, nonce: str | None = None) -> str:
+        """The criteria section: the default, or the rubric and the principle, escaped and fenced
+        with ``nonce`` (the item's: required with a rubric or a principle)."""
         t = self._templates["criteria"]
+        if rubric is None and principle is None:
+            return t.section("default")
+        if nonce is None:
+            raise ValueError("a rubric or a principle is fenced: criteria() needs the item's nonce")
         parts = []
         if rubric is not None:
-            parts.append(_fill(t.section("rubric"), {"rubric": rubric}))
+            parts.append(_fill(t.section("rubric"), {"rubric": escape_data(rubric), "nonce": nonce}))
         if principle is not None:
-            parts.append(_fill(t.section("principle"), {"principle": principle}))
-        return "\n".join(parts) if parts else t.section("default")
+            parts.append(_fill(t.section("principle"), {"principle": escape_data(principle), "nonce": nonce}))
+        return "\n".join(parts)
 
     def _render(self, kind: str, values: dict[str, str], rationale: bool) -> tuple[ChatMessage, ...]:
         t = self._templates[kind]

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from services.common.errors import ErrorCode, ServiceError
 from services.judge.backends.base import JudgeBackend
 from services.judge.engine.config import JudgeEngineConfig
-from services.judge.engine.prompts import TemplateSet, prompt_json, sha256_hex
+from services.judge.engine.prompts import TemplateSet, escape_data, prompt_json, sha256_hex
 from services.judge.engine.ranking import bradley_terry, pairs_to_judge, ranking_from_scores
 from services.judge.engine.verdicts import CallOutcome, Failure, Verdict, VerdictCaller
 from services.judge.metrics import JudgeMetrics
@@ -54,6 +54,7 @@ from services.judge.types import (
 __all__ = ["PairJudgment", "Protocols", "worst_failure"]
 
 Pair = tuple[int, int]
+_NONCE_STANDIN = "0" * 16  # an item's nonce is 16 hex digits (see judge_pair)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,30 @@ class Protocols:
     def rank_calls(self, req: RankInput, pairs: Sequence[Pair]) -> int:
         """Provider calls of a rank over ``pairs``: both orders of each, per principle."""
         return 2 * len(pairs) * self.principle_count(req.principles)
+
+    def longest_prompt_chars(self, req: CompareInput | RankInput | GradeInput) -> int:
+        """Characters of the longest prompt ``req`` can send (all its messages, as rendered).
+
+        Every verdict query of a request shares its prompt, reference and rubric and differs only
+        in its principle and its one or two responses, and a rendered prompt only grows with each
+        of them: so the query with the longest (escaped) principle and responses is rendered, once,
+        and measured (a nonce of the real length stands in for the item's).
+        """
+        pool = req.principles or self.config.principles
+        principle = max(pool, key=lambda p: len(escape_data(p))) if pool else None
+        criteria = self.templates.criteria(req.rubric, principle, nonce=_NONCE_STANDIN)
+        if isinstance(req, GradeInput):
+            messages = self.templates.grade(
+                prompt=req.prompt, response=req.response, reference=req.reference, criteria=criteria,
+                scale=req.scale, nonce=_NONCE_STANDIN, rationale=self.config.rationale,
+            )  # fmt: skip
+        else:
+            by_size = sorted(req.responses, key=lambda r: len(escape_data(r)), reverse=True)
+            messages = self.templates.pairwise(
+                prompt=req.prompt, first=by_size[0], second=by_size[1], reference=req.reference, criteria=criteria,
+                nonce=_NONCE_STANDIN, rationale=self.config.rationale,
+            )  # fmt: skip
+        return sum(len(m.content) for m in messages)
 
     # -- the protocols ----------------------------------------------------------------------------
 
@@ -190,7 +215,7 @@ class Protocols:
         async def one(principle: str | None) -> CallOutcome:
             messages = self.templates.grade(
                 prompt=req.prompt, response=req.response, reference=req.reference,
-                criteria=self.templates.criteria(req.rubric, principle), scale=(lo, hi), nonce=nonce,
+                criteria=self.templates.criteria(req.rubric, principle, nonce=nonce), scale=(lo, hi), nonce=nonce,
                 rationale=rationale,
             )  # fmt: skip
             query = VerdictQuery(messages, choices, rationale, 512 if rationale else 8)
@@ -267,7 +292,7 @@ class Protocols:
         rationale = self.config.rationale
         messages = self.templates.pairwise(
             prompt=prompt, first=first, second=second, reference=reference,
-            criteria=self.templates.criteria(rubric, principle), nonce=nonce, rationale=rationale,
+            criteria=self.templates.criteria(rubric, principle, nonce=nonce), nonce=nonce, rationale=rationale,
         )  # fmt: skip
         return VerdictQuery(messages=messages, choices=("A", "B"), rationale=rationale,
                             max_tokens=512 if rationale else 8)  # fmt: skip

@@ -8,7 +8,8 @@ retries, pricing) → a typed result or an :class:`Abstain`.
 Failure semantics (see DESIGN.md's error table):
 
 - invalid input → ``ServiceError(INVALID_ARGUMENT)`` before any work
-  (:mod:`services.judge.engine.validation`).
+  (:mod:`services.judge.engine.validation`), a prompt over ``max_prompt_chars`` included: first
+  on the request's texts, then on its longest prompt as rendered, before any backend call.
 - not ready / draining → ``UNAVAILABLE`` (from :class:`Lifecycle`).
 - the bounded call queue (``max_queue_items`` provider calls admitted and unfinished) is full,
   or the token budget (``max_tokens_total``) is spent → ``RESOURCE_EXHAUSTED`` at once; the
@@ -30,12 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from services.common.errors import ErrorCode, ServiceError
+from services.common.errors import ErrorCode, ServiceError, invalid
 from services.common.lifecycle import EngineState, LifecycleOwner
-from services.judge.backends.base import JudgeBackend
+from services.judge.backends.base import DEFAULT_MAX_PROMPT_CHARS, JudgeBackend
 from services.judge.clock import Clock, SystemClock
 from services.judge.engine.cache import JudgeCache
 from services.judge.engine.config import GRADE_SCALE_BOUNDS, JudgeEngineConfig, JudgeLimits
@@ -56,7 +58,7 @@ from services.judge.types import (
     RankResult,
 )
 
-__all__ = ["GRADE_SCALE_BOUNDS", "JudgeEngine", "JudgeEngineConfig", "JudgeLimits"]
+__all__ = ["DEFAULT_MAX_PROMPT_CHARS", "GRADE_SCALE_BOUNDS", "JudgeEngine", "JudgeEngineConfig", "JudgeLimits"]
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +118,17 @@ class JudgeEngine(LifecycleOwner):
 
     @property
     def limits(self) -> JudgeLimits:
-        """What this engine enforces (validation and admission)."""
-        return self.config.limits
+        """What this engine enforces (validation and admission).
+
+        ``max_prompt_chars``: the configured one, else what the loaded backend says it can read
+        (its ``max_prompt_chars``), else :data:`DEFAULT_MAX_PROMPT_CHARS`.
+        """
+        limits = self.config.limits
+        if self.config.max_prompt_chars is None and self._backend is not None:
+            own = getattr(self._backend, "max_prompt_chars", None)
+            if isinstance(own, int) and own > 0:
+                limits = dataclasses.replace(limits, max_prompt_chars=own)
+        return limits
 
     @property
     def tokens_spent(self) -> int:
@@ -160,6 +171,15 @@ class JudgeEngine(LifecycleOwner):
 
     # -- admission ------------------------------------------------------------------------------
 
+    def _check_prompt(self, req: CompareInput | RankInput | GradeInput, limits: JudgeLimits) -> None:
+        """INVALID_ARGUMENT when the longest prompt ``req`` can send, rendered, is over the budget."""
+        chars = self.protocols.longest_prompt_chars(req)
+        if chars > limits.max_prompt_chars:
+            raise invalid(
+                f"the judge prompt would be {chars} characters as rendered (template, fences and escaping "
+                f"included), over --max-prompt-chars {limits.max_prompt_chars}"
+            )
+
     @contextlib.asynccontextmanager
     async def _admitted(self, calls: int, deadline: float | None) -> AsyncIterator[JudgeBackend]:
         """Admit a request that will make up to ``calls`` provider calls, or refuse it at once."""
@@ -191,7 +211,9 @@ class JudgeEngine(LifecycleOwner):
 
     async def compare(self, req: CompareInput, *, deadline: float | None = None) -> CompareResult | Abstain:
         """P(responses[0] better than responses[1]); ``winner`` None inside the tie margin."""
-        validate_compare(req, self.limits)
+        limits = self.limits
+        validate_compare(req, limits)
+        self._check_prompt(req, limits)
         async with self._admitted(self.protocols.compare_calls(req), deadline) as backend:
             return await self.protocols.compare(backend, self.info, req, deadline)
 
@@ -201,13 +223,17 @@ class JudgeEngine(LifecycleOwner):
         Pairs whose judgment abstained are left out of the fit; when that leaves some response
         in no judged pair, the whole rank abstains (standing for the worst failure).
         """
-        validate_rank(req, self.limits)
+        limits = self.limits
+        validate_rank(req, limits)
+        self._check_prompt(req, limits)
         pairs = self.protocols.rank_pairs(req)
         async with self._admitted(self.protocols.rank_calls(req, pairs), deadline) as backend:
             return await self.protocols.rank(backend, self.info, req, pairs, deadline)
 
     async def grade(self, req: GradeInput, *, deadline: float | None = None) -> GradeResult | Abstain:
         """The expected grade on ``scale`` (hard choice without probabilities), mapped to [0, 1]."""
-        validate_grade(req, self.limits)
+        limits = self.limits
+        validate_grade(req, limits)
+        self._check_prompt(req, limits)
         async with self._admitted(self.protocols.grade_calls(req), deadline) as backend:
             return await self.protocols.grade(backend, self.info, req, deadline)

@@ -9,7 +9,15 @@ INVALID_ARGUMENT before any work:
   protocol's values, a scale inside ``grade_scale_bounds``): HTTP 422, like the JSON type
   errors the HTTP models report;
 - everything else (an empty prompt, an unknown role, an empty rubric, reference or principle,
-  over ``max_items_per_request`` responses, a text over ``max_text_bytes`` UTF-8 bytes): HTTP 400.
+  over ``max_items_per_request`` responses, a text over ``max_text_bytes`` UTF-8 bytes, a judge
+  prompt over ``max_prompt_chars``): HTTP 400.
+
+The prompt budget is checked here on the request's own texts, before anything is escaped or
+rendered: the longest prompt the request can make (its prompt, its two longest responses or its
+one response, its reference, rubric and longest principle) holds at least their characters,
+so a request whose texts alone are over ``max_prompt_chars`` is refused at once, with every
+counted text's size in the message. The engine then checks the exact size of that longest
+prompt, rendered (template, fences and escaping included), before any backend call.
 
 A request breaking several rules gets the first in this order: the schema rules, the size limits,
 then the values (an oversize response is reported before an unknown role in the prompt). An
@@ -74,6 +82,7 @@ def _check(t: _Texts, limits: JudgeLimits) -> None:
     # did: the types (only a Python caller can get them wrong), the sizes, then the values.
     _types(t)
     _sizes(t, limits)
+    _prompt_budget(t, limits)
     _values(t)
 
 
@@ -110,6 +119,37 @@ def _sizes(t: _Texts, limits: JudgeLimits) -> None:
         _text(f"responses[{i}]", r, limits, item=i)
     for r in t.response:
         _text("response", r, limits)
+
+
+def _prompt_budget(t: _Texts, limits: JudgeLimits) -> None:
+    # len() only: the check must cost nothing next to what it prevents (escaping, rendering,
+    # tokenizing or sending megabytes).
+    if isinstance(t.prompt, str):
+        counted = [("prompt", len(t.prompt))]
+    else:
+        # as the template renders messages: "role: content" blocks, a blank line between them
+        size = sum(len(str(m.role)) + 2 + len(m.content) for m in t.prompt) + 2 * max(0, len(t.prompt) - 1)
+        counted = [(f"prompt ({len(t.prompt)} messages)", size)]
+    if t.response:
+        counted.append(("response", len(t.response[0])))
+    else:
+        # a pairwise prompt holds two responses: the two longest are the worst case
+        longest = sorted(range(len(t.responses)), key=lambda i: len(t.responses[i]), reverse=True)[:2]
+        counted.extend((f"responses[{i}]", len(t.responses[i])) for i in sorted(longest))
+    if t.reference is not None:
+        counted.append(("reference", len(t.reference)))
+    if t.rubric is not None:
+        counted.append(("rubric", len(t.rubric)))
+    if t.principles:
+        i = max(range(len(t.principles)), key=lambda k: len(t.principles[k]))
+        counted.append((f"principles[{i}]", len(t.principles[i])))
+    total = sum(n for _, n in counted)
+    if total > limits.max_prompt_chars:
+        sizes = ", ".join(f"{name} {n}" for name, n in counted)
+        raise invalid(
+            f"the judge prompt would be over --max-prompt-chars {limits.max_prompt_chars}: its texts alone are "
+            f"{total} characters ({sizes})"
+        )
 
 
 def _values(t: _Texts) -> None:
