@@ -122,6 +122,7 @@ class LimitsOut(BaseModel):
     max_tokens_total: int | None = Field(description="Token budget of the server's life (null: unlimited).")
     rank_max_pairs: int = Field(description="rank judges a balanced sample of pairs above this many.")
     grade_scale_bounds: tuple[int, int] = Field(description="Widest accepted grading scale [lo, hi].")
+    max_prompt_chars: int = Field(description="Longest judge prompt, in characters; longer is a 400.")
 
 
 class JudgeCard(BaseModel):

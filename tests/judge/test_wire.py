@@ -185,7 +185,7 @@ def test_models_body_and_info_proto_agree() -> None:
         b'"owned_by":"rlhf-feedback","backend":"openai","model":"gpt-4o-mini","template_hash":"3a995c30f80a",'
         b'"limits":{"max_items_per_request":6,"max_body_bytes":65536,"max_text_bytes":4096,"max_queue_items":10000,'
         b'"max_concurrency":16,"rpm":600.0,"tpm":null,"max_tokens_total":null,"rank_max_pairs":64,'
-        b'"grade_scale_bounds":[0,9]}}]}'
+        b'"grade_scale_bounds":[0,9],"max_prompt_chars":1000000}}]}'
     )
     info = info_to_grpc(REF, LIMITS, max_body_bytes=65536)
     (card,) = body["data"]

@@ -200,7 +200,7 @@ class GetJudgeInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class JudgeLimits(_message.Message):
-    __slots__ = ("max_items_per_request", "max_body_bytes", "max_text_bytes", "max_queue_items", "max_concurrency", "rpm", "tpm", "max_tokens_total", "rank_max_pairs", "grade_scale_bounds")
+    __slots__ = ("max_items_per_request", "max_body_bytes", "max_text_bytes", "max_queue_items", "max_concurrency", "rpm", "tpm", "max_tokens_total", "rank_max_pairs", "grade_scale_bounds", "max_prompt_chars")
     MAX_ITEMS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_BODY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +211,7 @@ class JudgeLimits(_message.Message):
     MAX_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     RANK_MAX_PAIRS_FIELD_NUMBER: _ClassVar[int]
     GRADE_SCALE_BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
     max_items_per_request: int
     max_body_bytes: int
     max_text_bytes: int
@@ -221,7 +222,8 @@ class JudgeLimits(_message.Message):
     max_tokens_total: int
     rank_max_pairs: int
     grade_scale_bounds: Scale
-    def __init__(self, max_items_per_request: _Optional[int] = ..., max_body_bytes: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_queue_items: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., rpm: _Optional[float] = ..., tpm: _Optional[float] = ..., max_tokens_total: _Optional[int] = ..., rank_max_pairs: _Optional[int] = ..., grade_scale_bounds: _Optional[_Union[Scale, _Mapping]] = ...) -> None: ...
+    max_prompt_chars: int
+    def __init__(self, max_items_per_request: _Optional[int] = ..., max_body_bytes: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_queue_items: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., rpm: _Optional[float] = ..., tpm: _Optional[float] = ..., max_tokens_total: _Optional[int] = ..., rank_max_pairs: _Optional[int] = ..., grade_scale_bounds: _Optional[_Union[Scale, _Mapping]] = ..., max_prompt_chars: _Optional[int] = ...) -> None: ...
 
 class JudgeInfo(_message.Message):
     __slots__ = ("judge", "limits")
