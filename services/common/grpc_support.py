@@ -1,15 +1,18 @@
 """Transport plumbing every grpc.aio server of the project shares (reward and judge).
 
-- :class:`ApiKeyInterceptor`: ``authorization: Bearer`` via :func:`services.common.auth.check_bearer`;
-  health and reflection stay open.
-- :func:`safe_deserializer`: requests that are too large, malformed or carry a string that is not
-  valid UTF-8 become INVALID_ARGUMENT (grpc's own deserializer failure would be INTERNAL, and its
-  own size limit RESOURCE_EXHAUSTED, which the error table reserves for overload).
+- :class:`ApiKeyInterceptor`: ``authorization: Bearer`` via :func:`services.common.auth.check_bearer`,
+  checked before the request message is read (an unauthenticated call costs no memory for its
+  message); health and reflection stay open; metric labels only name methods the server serves.
+- :func:`safe_deserializer`: requests that are malformed or carry a string that is not valid UTF-8
+  become INVALID_ARGUMENT (grpc's own deserializer failure would be INTERNAL). A message over
+  ``--max-body-bytes`` never reaches it: grpc's receive limit is that same number, and grpc answers
+  RESOURCE_EXHAUSTED "Received message larger than max" (DESIGN's "transport limit"; the clients
+  read that message as a non-retryable invalid request, not as overload).
 - :func:`unary_handler` / :func:`stream_handler`: wrap a servicer method with the request id
   (``x-request-id`` echoed or generated, sent as initial metadata), the mapping of
   :class:`ServiceError` through the one error table, the generic INTERNAL answer for bugs, and
   the request metric.
-- :func:`server_options`: connection age, message size limits.
+- :func:`server_options`: connection age, message size limits (receive: ``--max-body-bytes``).
 - :func:`build_grpc_server` / :class:`GrpcServerHandle`: one service's server with all of the
   above plus health (:class:`~services.common.grpc_health.CallableHealthServicer`), reflection and
   TLS; :class:`MethodHandlers` builds its method handlers.
@@ -95,18 +98,27 @@ def accept(request: T | Rejected) -> T:
 # -- server options ----------------------------------------------------------------------------
 
 
-def grpc_message_limit(max_body_bytes: int) -> int:
-    """grpc's own receive limit: above ours, so that our check (INVALID_ARGUMENT) answers first."""
-    return int(min(2**31 - 1, 2 * max_body_bytes + 2**20))
+_GRPC_MAX_MESSAGE = 2**31 - 1  # grpc's channel arguments are C ints
+
+
+def grpc_receive_limit(max_body_bytes: int) -> int:
+    """grpc's own receive limit: exactly ``--max-body-bytes``, so that a bigger message is refused by
+    grpc before it is buffered whole (our own check could only run after that)."""
+    return int(min(_GRPC_MAX_MESSAGE, max_body_bytes))
+
+
+def grpc_send_limit(max_body_bytes: int) -> int:
+    """grpc's send limit: generous, since an answer may outgrow its request (rationales, errors)
+    and answers are ours, not an attacker's."""
+    return int(min(_GRPC_MAX_MESSAGE, 2 * max_body_bytes + 2**20))
 
 
 def server_options(
     *, max_body_bytes: int, max_connection_age_s: float, max_connection_age_grace_s: float
 ) -> list[tuple[str, Any]]:
-    limit = grpc_message_limit(max_body_bytes)
     return [
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", grpc_receive_limit(max_body_bytes)),
+        ("grpc.max_send_message_length", grpc_send_limit(max_body_bytes)),
         ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
         ("grpc.max_connection_age_grace_ms", int(max_connection_age_grace_s * 1000)),
         ("grpc.so_reuseport", 0),  # never share a port silently with another server
@@ -124,12 +136,34 @@ def _metadata_value(metadata: Any, key: str) -> str | None:
     return None
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Reject calls without ``authorization: Bearer <api_key>``; health and reflection stay open."""
+UNKNOWN_METHOD = "unknown"  # the metrics label of every method the server does not serve
 
-    def __init__(self, api_key: str | None, *, metrics: RequestMetrics | None = None) -> None:
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Reject calls without ``authorization: Bearer <api_key>``; health and reflection stay open.
+
+    The key is checked from the call's metadata, before the request message is read: a rejected
+    call is answered by a handler that never reads its request (see :func:`_abort_handler`), so
+    that an unauthenticated client cannot make the server buffer and parse messages of up to
+    ``--max-body-bytes``. Rejected calls and calls to methods the server does not serve are counted
+    here; ``served`` (full names, ``/package.Service/Method``) bounds the metric labels, every other
+    name counts as :data:`UNKNOWN_METHOD`.
+    """
+
+    def __init__(
+        self, api_key: str | None, *, metrics: RequestMetrics | None = None, served: frozenset[str] = frozenset()
+    ) -> None:
         self._api_key = api_key
         self._metrics = metrics
+        self._served = served
+
+    def method_label(self, method: str) -> str:
+        """The metric label of a call to ``method``: its short name if served, else ``unknown``."""
+        return method.rsplit("/", 1)[-1] if method in self._served else UNKNOWN_METHOD
+
+    def _count(self, method: str, status: str) -> None:
+        if self._metrics is not None:
+            self._metrics.on_request("grpc", self.method_label(method), status)
 
     async def intercept_service(
         self,
@@ -137,40 +171,37 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method or ""
-        if self._api_key is None or method.startswith(OPEN_GRPC_PREFIXES):
+        if method.startswith(OPEN_GRPC_PREFIXES):
             return await continuation(handler_call_details)
-        try:
-            check_bearer(_metadata_value(handler_call_details.invocation_metadata, "authorization"), self._api_key)
-        except ServiceError as err:
-            if self._metrics is not None:
-                self._metrics.on_request("grpc", method.rsplit("/", 1)[-1], err.grpc_code.name)
-            handler = await continuation(handler_call_details)
-            return _abort_handler(handler, err)
-        return await continuation(handler_call_details)
+        if self._api_key is not None:
+            try:
+                check_bearer(_metadata_value(handler_call_details.invocation_metadata, "authorization"), self._api_key)
+            except ServiceError as err:
+                # Same answer whether or not the method exists: no probing of the API without a key.
+                self._count(method, err.grpc_code.name)
+                return _abort_handler(err)
+        handler = await continuation(handler_call_details)
+        if handler is None:  # grpc answers UNIMPLEMENTED
+            self._count(method, grpc.StatusCode.UNIMPLEMENTED.name)
+        return handler
 
 
-def _abort_handler(handler: grpc.RpcMethodHandler | None, err: ServiceError) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that answers ``err`` without running anything."""
+def _abort_handler(err: ServiceError) -> grpc.RpcMethodHandler:
+    """A handler that answers ``err`` without reading the request.
 
-    async def abort_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    It has a streaming request shape whatever the method's real shape: grpc.aio receives (and
+    deserializes) a unary request before it calls the handler, but a streaming one only when the
+    handler pulls the request iterator, which this one never does. The client cannot tell: the
+    wire format of a call does not depend on the server handler's shape, and it gets ``err``'s
+    status whatever it sent. Message bytes already on their way are dropped by grpc with the stream
+    (HTTP/2 flow control keeps them to a window, not a whole message: 4 concurrent 120 MiB calls
+    raise the server's RSS by under 20 MiB, tests/common/test_grpc_hardening.py).
+    """
+
+    async def abort(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
         await context.abort(err.grpc_code, err.message)
 
-    async def abort_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(err.grpc_code, err.message)
-        yield  # pragma: no cover (makes this an async generator)
-
-    # Keep the real deserializer so that an unauthenticated request is still read off the wire.
-    deser = handler.request_deserializer if handler is not None else None
-    ser = handler.response_serializer if handler is not None else None
-    streaming_in = handler is not None and handler.request_streaming
-    streaming_out = handler is not None and handler.response_streaming
-    if streaming_in and streaming_out:
-        return grpc.stream_stream_rpc_method_handler(abort_stream, deser, ser)
-    if streaming_in:
-        return grpc.stream_unary_rpc_method_handler(abort_unary, deser, ser)
-    if streaming_out:
-        return grpc.unary_stream_rpc_method_handler(abort_stream, deser, ser)
-    return grpc.unary_unary_rpc_method_handler(abort_unary, deser, ser)
+    return grpc.stream_unary_rpc_method_handler(abort, request_deserializer=None, response_serializer=None)
 
 
 # -- per-call wrapping: request id, error mapping, metrics --------------------------------------
@@ -395,8 +426,9 @@ def build_grpc_server(
 
     Health: ``""``, ``"readiness"`` and ``service_name`` mirror ``ready``; ``"liveness"`` mirrors ``live``.
     """
+    served = frozenset(f"/{service_name}/{name}" for name in handlers)
     server = grpc.aio.server(
-        interceptors=[ApiKeyInterceptor(api_key, metrics=metrics)],
+        interceptors=[ApiKeyInterceptor(api_key, metrics=metrics, served=served)],
         options=server_options(
             max_body_bytes=settings.max_body_bytes,
             max_connection_age_s=settings.grpc_max_connection_age_s,

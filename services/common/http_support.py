@@ -10,7 +10,9 @@ through :func:`run_until_disconnect`), then :func:`add_probe_routes`.
   and, inside one of the service's item lists (``inputs[i]``, ``responses[i]``...), the item index;
   invalid JSON or UTF-8 is 400; a body over ``--max-body-bytes`` is 413, checked from
   ``Content-Length`` and again while the body streams in (chunked uploads), so at most
-  ``max_body_bytes`` are ever buffered. RESOURCE_EXHAUSTED answers 429 with ``Retry-After`` (whole
+  ``max_body_bytes`` are ever buffered; a body that arrives too slowly is 408 (DEADLINE_EXCEEDED,
+  raised by the server's ``receive``: :class:`services.common.serving.SlowBodyGuard`) and its
+  connection is closed. RESOURCE_EXHAUSTED answers 429 with ``Retry-After`` (whole
   seconds, rounded up). Anything unexpected is a 500 with the generic
   :data:`~services.common.errors.INTERNAL_MESSAGE`; the traceback goes to the log only.
 - ``X-Request-Timeout`` (seconds, float) becomes an absolute ``time.monotonic()`` deadline for the
@@ -91,7 +93,7 @@ class ClientGone(Exception):
 
 def error_responses() -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for every status an edge can answer with the error body."""
-    return {status: {"model": ErrorBody} for status in (400, 401, 403, 413, 422, 429, 500, 503, 504)}
+    return {status: {"model": ErrorBody} for status in (400, 401, 403, 408, 413, 422, 429, 500, 503, 504)}
 
 
 def error_response(err: ServiceError) -> OrjsonResponse:

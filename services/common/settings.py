@@ -55,6 +55,39 @@ class ServiceSettings(BaseModel):
     max_text_bytes: int = Field(
         256 * 2**10, gt=0, description="Longest single text, in UTF-8 bytes; longer is rejected."
     )
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="HTTP: a request's line and headers must arrive within this long (counted from the "
+        "connection's start, or from the first byte of a later request); else 408 and the connection "
+        "is closed. A new connection that sends nothing is closed after this long too.",
+    )
+    http_body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="HTTP: a request body may pause at most this long between two reads, and once this "
+        "long has passed it must have averaged at least --http-body-min-rate; else 408 and the "
+        "connection is closed.",
+    )
+    http_body_min_rate: int = Field(
+        1024,
+        ge=0,
+        description="HTTP: slowest average rate, in bytes per second, at which a request body may arrive "
+        "after its first --http-body-timeout-s (a client trickling a body is cut off; 0: only the pause "
+        "limit applies).",
+    )
+    http_keep_alive_s: int = Field(
+        65,
+        ge=1,
+        description="HTTP: close a keep-alive connection idle this many seconds between requests (above the "
+        "30 s of the bundled nginx and the 60 s of common load balancers, so that they close first).",
+    )
+    http_max_connections: int = Field(
+        1024,
+        gt=0,
+        description="HTTP: most open connections; a request on a connection beyond them is answered 503 "
+        "(UNAVAILABLE, Retry-After) and its connection closed.",
+    )
     grpc_max_connection_age_s: float = Field(
         300.0, gt=0, description="Close gRPC connections after this long so load balancers can rebalance."
     )
