@@ -11,7 +11,7 @@ through :func:`run_until_disconnect`), then :func:`add_probe_routes`.
   invalid JSON or UTF-8 is 400; a body over ``--max-body-bytes`` is 413, checked from
   ``Content-Length`` and again while the body streams in (chunked uploads), so at most
   ``max_body_bytes`` are ever buffered; a body that arrives too slowly is 408 (DEADLINE_EXCEEDED,
-  raised by the server's ``receive``: :class:`services.common.serving.SlowBodyGuard`) and its
+  raised by the server's ``receive``: :class:`services.common.http_guard.SlowBodyGuard`) and its
   connection is closed. RESOURCE_EXHAUSTED answers 429 with ``Retry-After`` (whole
   seconds, rounded up). Anything unexpected is a 500 with the generic
   :data:`~services.common.errors.INTERNAL_MESSAGE`; the traceback goes to the log only.

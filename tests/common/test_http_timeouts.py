@@ -23,8 +23,9 @@ import pytest
 import pytest_asyncio
 from fastapi import Request
 
+from services.common.http_guard import HttpLimits
 from services.common.http_support import PROBE_ROUTE_NAMES, BodyParser, create_edge_app
-from services.common.serving import HttpLimits, uvicorn_server
+from services.common.serving import uvicorn_server
 from services.common.settings import ServiceSettings
 from services.common.wire import StrictModel
 
