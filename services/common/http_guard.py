@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
@@ -36,8 +35,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.common.errors import ErrorCode, ServiceError
 from services.common.settings import ServiceSettings
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
