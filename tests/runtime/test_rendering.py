@@ -6,7 +6,8 @@ and ``messages`` through the chat template, its output tokenized without special
 without a template get a sentence pair and ``role: content`` lines. Over the maximum a ``text``
 keeps its last tokens; the other forms lose prompt tokens from the left first, then the response's
 beginning; ``truncated`` and ``prompt_tokens`` say what happened. And ``model_max_length``:
-``--max-length``, else min(real tokenizer maximum, ``max_position_embeddings``).
+``--max-length``, else min(real tokenizer maximum, ``max_position_embeddings``). Items long
+enough to be cut before tokenizing (a tail window) are tested in ``test_rendering_cut.py``.
 """
 
 from __future__ import annotations
