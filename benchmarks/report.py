@@ -82,7 +82,11 @@ def markdown(res: dict[str, Any]) -> str:
 
 def machine_line(res: dict[str, Any]) -> str:
     m = res["machine"]
-    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, {m['platform']}, {m['date']}"
+    capability = m.get("cpu_capability", "capability not recorded")
+    return (
+        f"{m['cpu']} ({capability}), {m['cores']} cores, torch {m['torch']}, Python {m['python']}, "
+        f"{m['platform']}, {m['date']}"
+    )
 
 
 def readme_block(res: dict[str, Any]) -> str:
