@@ -221,7 +221,7 @@ async def test_get_model_info() -> None:
         assert list(info.label_names) == ["LABEL_0", "LABEL_1", "LABEL_2"]
         assert not info.has_chat_template
         assert info.limits.max_text_bytes == 1000 and info.limits.max_batch_tokens == 512
-        assert info.limits.max_request_tokens == 2048
+        assert info.limits.max_request_tokens == 4096
         assert info.limits.max_items_per_request == 4096 and info.limits.max_body_bytes == 64 * 2**20
 
 

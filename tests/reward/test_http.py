@@ -288,7 +288,7 @@ async def test_models_reports_model_and_limits(make_svc: Factory) -> None:
         "max_body_bytes": MAX_BODY,
         "max_text_bytes": MAX_TEXT,
         "max_batch_tokens": 4096,
-        "max_request_tokens": 2048,
+        "max_request_tokens": 4096,
     }
 
 

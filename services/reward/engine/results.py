@@ -71,4 +71,4 @@ class Limits:
     max_body_bytes: int
     max_text_bytes: int
     max_batch_tokens: int
-    max_request_tokens: int = 2048
+    max_request_tokens: int = 4096
