@@ -59,7 +59,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         f"Reproduce: `{result['command']}`",
         "",
-        f"Machine: {m['cpu']} ({m.get('cpu_capability', 'capability not recorded')}), {m['cores']} cores ({m['usable_cores']} usable), torch {m['torch']}{gpu}, "
+        f"Machine: {m['cpu']} ({m.get('cpu_capability', 'capability not recorded')}), "
+        f"{m['cores']} cores ({m['usable_cores']} usable), torch {m['torch']}{gpu}, "
         f"Python {m['python']}, {m['date']}.",
     ]
     return "\n".join(lines) + "\n"

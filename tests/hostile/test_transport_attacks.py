@@ -39,7 +39,7 @@ def test_unauthenticated_grpc_messages_are_refused_unread(reward_server: ServerP
 
     def send() -> None:
         with grpc.insecure_channel(reward_server.grpc_target, options=options) as ch:
-            call = ch.unary_unary("/rlhf.v1.RewardService/Score")
+            call = ch.unary_unary("/rlhf.v1.RewardService/Score", None, None)
             try:
                 call(big, timeout=120)
             except grpc.RpcError as exc:
@@ -67,7 +67,7 @@ def test_made_up_method_names_add_no_metric_series(reward_server: ServerProcess)
     with grpc.insecure_channel(reward_server.grpc_target) as ch:
         for i in range(300):
             with pytest.raises(grpc.RpcError) as info:
-                ch.unary_unary(f"/made.up.Service{i}/Method{i}")(b"", timeout=30)
+                ch.unary_unary(f"/made.up.Service{i}/Method{i}", None, None)(b"", timeout=30)
             assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
     after = _series(reward_server)
     new = sorted(after - before)

@@ -346,17 +346,18 @@ class CountingFake(FakeBackend):
 
 async def test_a_request_over_the_token_budget_is_refused_before_the_model(make: Factory) -> None:
     # Fake tokens are UTF-8 bytes, max_length 64: 40 items of 64 tokens are 2,560 tokens.
-    rig = await make(CountingFake(gate=threading.Event()), max_items=64, max_request_tokens=1000)
+    backend = CountingFake(gate=threading.Event())
+    rig = await make(backend, max_items=64, max_request_tokens=1000)
     before = len(rig.backend.batches)
     err = await refused(rig.engine.score([text("x" * 100)] * 40), ErrorCode.INVALID_ARGUMENT)
     assert "over --max-request-tokens 1000" in err.message and "1024 tokens" in err.message, err.message
     assert "first 16 of 40 items" in err.message, err.message
     assert len(rig.backend.batches) == before  # nothing reached the model
-    assert rig.backend.encoded == 1 + 16  # the warm-up, then only one chunk of 16 items: not all 40
+    assert backend.encoded == 1 + 16  # the warm-up, then only one chunk of 16 items: not all 40
     assert rig.engine.queue_depth == 0
     assert rig.sample("rlhf_reward_requests_over_token_budget_total") == 1
-    # Exactly at the budget is fine: 10 items of 100 tokens would be 1,000, but max_length is 64.
-    ok = await rig.engine.score([text("y" * 50)] * 20)  # 1,000 tokens
+    # Exactly the budget is fine: 20 items of 50 tokens.
+    ok = await rig.engine.score([text("y" * 50)] * 20)
     assert [r.num_tokens for r in ok.results if isinstance(r, ScoredItem)] == [50] * 20
 
 
