@@ -263,6 +263,21 @@ def start_replicas(model_dir: Path, tmp_path: Path) -> list[ServerProcess]:
     return [ServerProcess.reward(flags, log_path=tmp_path / f"replica-{i}.log") for i in range(3)]
 
 
+def wait_in_flight(replica: ServerProcess, timeout: float = 30) -> None:
+    """Return once the replica is handling a request, so that its SIGTERM lands on work in flight.
+
+    On a busy machine the client can be the bottleneck and a replica idle for a moment; a SIGTERM
+    then would test no drain at all.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{replica.http_port}/metrics", timeout=10).text
+        found = re.search(r"^rlhf_reward_requests_in_flight (\S+)$", text, re.MULTILINE)
+        if found and float(found.group(1)) >= 1:
+            return
+        time.sleep(0.001)
+
+
 @pytest.fixture
 def items() -> list[str]:
     first = 2000  # the texts of test_replica_restart, each prefixed here
@@ -294,6 +309,7 @@ def test_nginx_kill_and_drain_under_load(
         if transport == "http":
             os.kill(killed.proc.pid, signal.SIGKILL)
         run.wait_for(N // 3, threads)
+        wait_in_flight(drained)
         sigterm_at = time.time()
         drained.proc.send_signal(signal.SIGTERM)
         for t in threads:
@@ -365,6 +381,7 @@ def test_grpc_round_robin_kill_and_drain_under_load(items: list[str], tiny_llama
         run.wait_for(N // 5, threads)
         os.kill(killed.proc.pid, signal.SIGKILL)
         run.wait_for(N // 3, threads)
+        wait_in_flight(drained)
         drained.proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(90)
