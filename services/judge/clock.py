@@ -12,8 +12,8 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections.abc import Awaitable
-from typing import Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -38,9 +38,10 @@ class FakeClock:
     """Virtual time for tests: a sleep ends as soon as every other task is waiting too.
 
     Time advances to the earliest pending sleep only when the event loop has nothing else
-    ready to run, so rate-limit and retry schedules are exact and tests take no wall time.
-    Work done in threads (the SQLite cache) may see time jump while it runs; that only makes
-    waits look longer, never shorter.
+    ready to run and no work it handed to a thread (``run_in_executor``, ``asyncio.to_thread``:
+    the SQLite cache) is still running, so rate-limit and retry schedules are exact and tests
+    take no wall time. (Jumping while a cache thread ran let a call granted at one time reach the
+    backend at a later one, and a 10 s window then saw more calls than the limiter granted in it.)
     """
 
     def __init__(self, start: float = 1000.0) -> None:
@@ -48,6 +49,8 @@ class FakeClock:
         self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
         self._driver: asyncio.Task[None] | None = None
+        self._threads = 0  # executor jobs started on the driven loop and not finished
+        self._tracked: set[int] = set()  # loops whose run_in_executor reports to this clock
 
     def now(self) -> float:
         return self._t
@@ -65,8 +68,27 @@ class FakeClock:
         fut: asyncio.Future[None] = loop.create_future()
         heapq.heappush(self._heap, (self._t + seconds, next(self._seq), fut))
         if self._driver is None or self._driver.done():
+            self._track_threads(loop)
             self._driver = loop.create_task(self._drive())
         await fut
+
+    def _track_threads(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Count the loop's executor jobs (``asyncio.to_thread`` goes through ``run_in_executor``)."""
+        if id(loop) in self._tracked:
+            return
+        self._tracked.add(id(loop))
+        original = loop.run_in_executor
+
+        def tracked(executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+            fut = original(executor, func, *args)
+            self._threads += 1
+            fut.add_done_callback(self._thread_done)
+            return fut
+
+        loop.run_in_executor = tracked  # type: ignore[method-assign,assignment]
+
+    def _thread_done(self, _: object) -> None:
+        self._threads -= 1
 
     def _wake_due(self) -> None:
         while self._heap and (self._heap[0][2].done() or self._heap[0][0] <= self._t):
@@ -84,9 +106,9 @@ class FakeClock:
                 idle_rounds += 1
                 if idle_rounds < 3:
                     continue
-                # Give threads (the SQLite cache) a moment of real time before jumping.
+                # Threads (the SQLite cache) finish in real time before time may jump.
                 await asyncio.sleep(0.0005)
-                if len(getattr(loop, "_ready", ())) != 0:
+                if len(getattr(loop, "_ready", ())) != 0 or self._threads:
                     idle_rounds = 0
                     continue
                 while self._heap and self._heap[0][2].done():
