@@ -23,6 +23,7 @@ import pytest
 from clients.integrations import RewardUnavailableError
 from clients.integrations import verl as verl_mod
 from tests.support.servers import FakeReward, RewardServer
+from tests.support.waiting import wait_until
 
 
 def load_like_verl(path: str, name: str, reward_kwargs: dict[str, Any]) -> Any:
@@ -98,6 +99,8 @@ async def test_concurrent_samples_like_the_reward_loop(transport: str, service: 
     assert scores == pytest.approx(want, abs=1e-6)
     assert all(isinstance(s, float) for s in scores)
     # the samples of one worker that arrive together travel as one request, on one cached client
+    # (the server counts a request after its answer is sent: the client may look first)
+    await wait_until(lambda: service.requests(transport) - before >= 1)
     assert service.requests(transport) - before == 1
     assert verl_mod.get_client(service.url(transport)) is verl_mod.get_client(service.url(transport))
 
