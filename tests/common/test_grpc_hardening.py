@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from clients.errors import InvalidRequestError, from_grpc
 from services.common.grpc_support import UNKNOWN_METHOD, MethodHandlers, build_grpc_server
 from services.common.settings import ServiceSettings
+from tests.support.memory import proc_status_bytes
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -265,8 +266,7 @@ def _serve_forever(max_body: int) -> None:
 
 def _rss_mib(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) of ``pid`` in MiB."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    return proc_status_bytes(pid, "VmRSS") / MIB, proc_status_bytes(pid, "VmHWM") / MIB
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from clients.process import ServerProcess
+from tests.support.memory import proc_status_bytes
 
 API_KEY = "hostile-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -29,11 +30,7 @@ READ_TIMEOUT_S = 3.0
 
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process (VmRSS), in bytes."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    return proc_status_bytes(pid, "VmRSS")
 
 
 class RssWatch:
@@ -109,6 +106,13 @@ class Probe:
         if len(self.latencies) < 2:
             return self.worst
         return statistics.quantiles(self.latencies, n=100, method="inclusive")[98]
+
+
+def post_timed(srv: ServerProcess, path: str, body: bytes) -> tuple[httpx.Response, float]:
+    """POST a ready JSON body with the API key; the answer and the seconds it took."""
+    started = time.perf_counter()
+    r = httpx.post(srv.http_url + path, content=body, headers={**AUTH, "content-type": "application/json"}, timeout=600)
+    return r, time.perf_counter() - started
 
 
 def score_one(client: httpx.Client) -> None:

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from clients.process import ServerProcess
-from tests.hostile.conftest import AUTH, Probe, RssWatch, report
+from tests.hostile.conftest import Probe, RssWatch, post_timed, report
 
 pytestmark = pytest.mark.slow
 
@@ -41,15 +41,7 @@ def live(client: httpx.Client) -> None:
 
 
 def _compare(srv: ServerProcess, prompt: object) -> tuple[httpx.Response, float]:
-    body = orjson.dumps({"prompt": prompt, "responses": ["Canberra.", "Sydney."]})
-    started = time.perf_counter()
-    r = httpx.post(
-        srv.http_url + "/v1/compare",
-        content=body,
-        headers={**AUTH, "content-type": "application/json"},
-        timeout=600,
-    )
-    return r, time.perf_counter() - started
+    return post_timed(srv, "/v1/compare", orjson.dumps({"prompt": prompt, "responses": ["Canberra.", "Sydney."]}))
 
 
 def test_a_10_mib_prompt_is_refused_at_once(judge_server: ServerProcess) -> None:

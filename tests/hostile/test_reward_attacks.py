@@ -18,24 +18,13 @@ import httpx
 import pytest
 
 from clients.process import ServerProcess
-from tests.hostile.conftest import AUTH, Probe, RssWatch, report, score_one
+from tests.hostile.conftest import AUTH, Probe, RssWatch, post_timed, report, score_one
 
 pytestmark = pytest.mark.slow
 
 # Idle targets from the "Done when"; the assertions allow a busy machine 3x.
 ANSWER_S, PROBE_S, RSS_MIB = 5.0, 2.0, 500.0
 SLACK = 3.0
-
-
-def _post(srv: ServerProcess, body: bytes) -> tuple[httpx.Response, float]:
-    started = time.perf_counter()
-    r = httpx.post(
-        srv.http_url + "/v1/score",
-        content=body,
-        headers={**AUTH, "content-type": "application/json"},
-        timeout=600,
-    )
-    return r, time.perf_counter() - started
 
 
 def _json(obj: object) -> bytes:
@@ -51,7 +40,7 @@ def test_one_60_mib_conversation_is_answered_at_once(reward_server: ServerProces
     assert 59 * 2**20 < len(body) < 64 * 2**20
     with RssWatch(reward_server.proc.pid) as rss, Probe(score_one, reward_server.http_url) as probe:
         time.sleep(0.5)
-        r, took = _post(reward_server, body)
+        r, took = post_timed(reward_server, "/v1/score", body)
         time.sleep(0.5)
     report(
         "attack 1 (60 MiB conversation)",
@@ -74,7 +63,7 @@ def test_300_texts_of_200_kb_are_refused_at_once(reward_server: ServerProcess) -
     body = _json({"inputs": [{"text": text}] * 300})
     with RssWatch(reward_server.proc.pid) as rss, Probe(score_one, reward_server.http_url) as probe:
         time.sleep(0.5)
-        r, took = _post(reward_server, body)
+        r, took = post_timed(reward_server, "/v1/score", body)
         time.sleep(0.5)
     report(
         "attack 2 (300 x 200 KB texts)",
