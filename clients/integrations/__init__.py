@@ -3,10 +3,13 @@
 - :mod:`clients.integrations.trl`: ``RemoteReward`` / ``AsyncRemoteReward`` and
   ``RemoteJudgeReward`` / ``AsyncRemoteJudgeReward`` for ``reward_funcs=[...]`` of TRL's
   ``GRPOTrainer``, ``RLOOTrainer`` and ``OnlineDPOTrainer``.
-- :mod:`clients.integrations.verl`: ``compute_score`` (async) for
-  ``custom_reward_function.path=pkg://clients.integrations.verl``.
+- :mod:`clients.integrations.verl`: ``compute_score`` (async), ``compute_score_batch`` (sync, for the
+  batch manager) and ``compute_score_heads`` (one column per head, for GDPO) for
+  ``reward.custom_reward_function.path=pkg://clients.integrations.verl`` (verl >= 0.7.1).
 - :mod:`clients.integrations.openrlhf`: OpenRLHF posts to the reward service's ``/get_reward``
-  route itself (``--reward.remote_url http://host:8000/get_reward``); nothing runs client-side.
+  route itself (``--reward.remote_url http://host:8000/get_reward``), or loads the ready
+  :mod:`clients.integrations.openrlhf_reward_func` file; :mod:`clients.integrations.rules` holds
+  rule rewards (``exact_match``) for either.
 
 None of them imports its framework: they only speak the framework's calling convention.
 

@@ -5,8 +5,8 @@ Read in verl: ``verl/utils/import_utils.py`` (``load_module``: ``pkg://a.b`` is
 ``reward_kwargs`` merged into every call, winning over the call's own; an async function wrapped
 in ``functools.partial`` of an async caller), ``verl/experimental/reward_loop/reward_loop.py``
 (one task per sample, ``asyncio.gather``) and ``reward_manager/naive.py`` / ``batch.py`` (keyword
-calls; ``inspect.iscoroutinefunction`` decides whether to await). verl itself pins CUDA-only
-dependencies, so those few lines are mirrored here.
+calls; ``inspect.iscoroutinefunction`` decides whether to await). These tests mirror those few
+lines so that they run without verl; tests/clients/test_verl_framework.py runs verl's own code.
 """
 
 from __future__ import annotations
@@ -138,8 +138,10 @@ async def test_missing_prompt_is_a_clear_error(service: RewardServer) -> None:
             await fn(data_source="d", solution_str="x", ground_truth=None, extra_info=extra_info)
 
 
-async def test_batch_manager_signature(service: RewardServer, fake: FakeReward) -> None:
-    fn = load_like_verl("pkg://clients.integrations.verl", "compute_score_batch", {"reward_url": service.url("grpc")})
+async def test_async_batch_function(service: RewardServer, fake: FakeReward) -> None:
+    fn = load_like_verl(
+        "pkg://clients.integrations.verl", "compute_score_batch_async", {"reward_url": service.url("grpc")}
+    )
     assert inspect.iscoroutinefunction(fn)
     scores = await fn(
         data_sources=["d"] * 4,
@@ -150,7 +152,7 @@ async def test_batch_manager_signature(service: RewardServer, fake: FakeReward) 
     want = [service.expected(expected_item(p, s)) for p, s in zip(PROMPTS, SOLUTIONS, strict=True)]
     assert scores == pytest.approx(want, abs=1e-6)
 
-    failing = load_like_verl("pkg://clients.integrations.verl", "compute_score_batch", {"reward_url": fake.url})
+    failing = load_like_verl("pkg://clients.integrations.verl", "compute_score_batch_async", {"reward_url": fake.url})
     with pytest.raises(RewardUnavailableError):
         await failing(
             data_sources=["d"] * 2,
@@ -160,8 +162,43 @@ async def test_batch_manager_signature(service: RewardServer, fake: FakeReward) 
         )
 
 
+def test_batch_manager_gets_a_sync_batch_function(service: RewardServer, fake: FakeReward) -> None:
+    # verl's batch manager calls compute_score(...) and indexes the result: no coroutine allowed
+    fn = load_like_verl("pkg://clients.integrations.verl", "compute_score_batch", {"reward_url": service.url("http")})
+    assert not inspect.iscoroutinefunction(fn)
+    scores = fn(
+        data_sources=np.array(["d"] * 4, dtype=object),  # verl passes the non_tensor_batch column
+        solution_strs=SOLUTIONS,
+        ground_truths=[None] * 4,
+        extra_infos=np.array([sample_extra_info(p) for p in PROMPTS], dtype=object),
+    )
+    want = [service.expected(expected_item(p, s)) for p, s in zip(PROMPTS, SOLUTIONS, strict=True)]
+    assert scores == pytest.approx(want, abs=1e-6)
+    assert fn(data_sources=[], solution_strs=[], ground_truths=[], extra_infos=[]) == []
+
+    failing = load_like_verl("pkg://clients.integrations.verl", "compute_score_batch", {"reward_url": fake.url})
+    with pytest.raises(RewardUnavailableError) as err:
+        failing(
+            data_sources=["d"] * 2, solution_strs=["ok", "FAIL"], ground_truths=None, extra_infos=[{"prompt": "p"}] * 2
+        )
+    assert err.value.code == "DEADLINE_EXCEEDED"
+
+
+def test_client_settings_from_reward_kwargs() -> None:
+    # one client per URL and settings; max_retries and timeout reach it
+    a = verl_mod.get_client("http://127.0.0.1:1", max_retries=0, timeout=5.0)
+    assert a is verl_mod.get_client("http://127.0.0.1:1", max_retries=0, timeout=5.0)
+    assert a is not verl_mod.get_client("http://127.0.0.1:1")
+    assert a._core.policy.max_retries == 0 and a._core.timeout == 5.0
+    assert verl_mod.get_client("http://127.0.0.1:1")._core.policy.max_retries == 8
+    several = verl_mod.get_client("grpc://a:1, grpc://b:2")
+    assert len(several._core.endpoints) == 2
+
+
 def test_sync_twin_for_the_older_managers(service: RewardServer) -> None:
     fn = load_like_verl("pkg://clients.integrations.verl", "compute_score_sync", {"reward_url": service.url("http")})
     assert not inspect.iscoroutinefunction(fn)
     score = fn(data_source="d", solution_str="Hello!", ground_truth=None, extra_info={"prompt": PROMPTS[1]})
     assert score == pytest.approx(service.expected(expected_item(PROMPTS[1], "Hello!")))
+    # ground_truth may be left out entirely (a reward model needs none)
+    assert fn(data_source="d", solution_str="Hello!", extra_info={"prompt": PROMPTS[1]}) == score

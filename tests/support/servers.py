@@ -131,10 +131,15 @@ class RewardServer:
         self.bg.run(self._stop())
 
 
-def start_reward_server(bg: BackgroundLoop, *, fail_on_boom: bool = False, **settings: Any) -> RewardServer:
+def start_reward_server(
+    bg: BackgroundLoop, *, fail_on_boom: bool = False, num_labels: int = 1, **settings: Any
+) -> RewardServer:
+    """The real service over the fake backend (``num_labels`` > 1: a vector head), HTTP and gRPC."""
     gate = threading.Event()
     gate.set()
-    backend = FakeBackend(max_length=64, gate=gate, fail_when=_fails_on_boom if fail_on_boom else None)
+    backend = FakeBackend(
+        max_length=64, gate=gate, fail_when=_fails_on_boom if fail_on_boom else None, num_labels=num_labels
+    )
     cfg = RewardSettings.model_validate({"host": "127.0.0.1", "max_wait_ms": 1.0, **settings})
     engine = RewardEngine(lambda: backend, cfg.engine_config())
 
