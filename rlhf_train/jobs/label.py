@@ -13,13 +13,18 @@ judge's ``rank``, then ``compare`` of its best against its worst (``--pairs best
 Output rows are TRL's conversational preference format with an explicit prompt::
 
     {"prompt": [messages], "chosen": [{"role": "assistant", "content": ...}], "rejected": [...],
-     "preference": P(chosen better), "margin": log(p / (1 - p)), "consistent": bool | null,
+     "preference": P(chosen better), "consistent": bool | null,
      "judge": {"backend", "model", "template_hash"}, "id": sha256(row content + pair)}
 
-``margin`` is the Bradley-Terry margin of the judgment, usable as TRL RewardTrainer's ``margin``
-column. Ties (``winner`` null), abstentions, items below ``--min-confidence`` (confidence =
-``|2p - 1|``) and items the judge refuses as invalid go to the rejects file with their reason,
-never to the output. Resuming after any crash: :mod:`rlhf_train.jobs.io`.
+With ``--margin`` the rows also carry ``"margin": log(p / (1 - p))``, the Bradley-Terry margin of
+the judgment. It is opt-in because TRL's ``RewardTrainer`` reads a ``margin`` column whenever the
+dataset has one and subtracts it inside its loss (``-logsigmoid(r_chosen - r_rejected - margin)``,
+trl 1.16 ``reward_trainer.py``): the rewards must then be that much further apart, which changes
+what the trainer learns. ``--margin`` is one of the settings a job resumes under.
+
+Ties (``winner`` null), abstentions, items below ``--min-confidence`` (confidence = ``|2p - 1|``)
+and items the judge refuses as invalid go to the rejects file with their reason, never to the
+output. Resuming after any crash: :mod:`rlhf_train.jobs.io`.
 """
 
 from __future__ import annotations
@@ -170,6 +175,7 @@ class LabelOptions:
     min_confidence: float = 0.0
     rubric: str | None = None
     llama_factory: bool = False  # add chosen_message / rejected_message (single messages)
+    margin: bool = False  # write the margin column (TRL's RewardTrainer subtracts it in its loss)
 
 
 def _new_stats() -> dict[str, Any]:
@@ -383,6 +389,8 @@ def job_config(opts: LabelOptions) -> dict[str, Any]:
         "min_confidence": float(opts.min_confidence),
         "rubric": opts.rubric,
         "llama_factory_columns": opts.llama_factory,
+        # only when set: journals of releases that always wrote the margin resume without it
+        **({"margin_column": True} if opts.margin else {}),
     }
 
 
@@ -397,7 +405,7 @@ def arrow_schema(opts: LabelOptions) -> Any:
         ("chosen", pa.list_(message)),
         ("rejected", pa.list_(message)),
         ("preference", pa.float64()),
-        ("margin", pa.float64()),
+        *([("margin", pa.float64())] if opts.margin else []),
         ("consistent", pa.bool_()),
         ("judge", pa.struct([("backend", pa.string()), ("model", pa.string()), ("template_hash", pa.string())])),
     ]
@@ -448,6 +456,8 @@ def _materialize(
     for rec in in_input_order(state.done, [it.key for it in items]):
         out.extend(rec.get("out") or ())
         rej.extend(rec.get("rej") or ())
+    if not opts.margin:  # journaled rows carry it (and did before --margin existed)
+        out = [{k: v for k, v in row.items() if k != "margin"} for row in out]
     n_out = write_rows(output, out, arrow_schema(opts) if output_format(output) == "parquet" else None)
     n_rej = write_jsonl(rejects, rej)
     return n_out, n_rej
@@ -557,6 +567,7 @@ def _run(args: argparse.Namespace) -> int:
         min_confidence=float(args.min_confidence),
         rubric=args.rubric,
         llama_factory=args.dataset_info is not None,
+        margin=bool(args.margin),
     )
     items = load_items(Path(args.input))
     jpath = journal_path(output)
@@ -657,6 +668,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rubric", default=_env("rubric", None), help="Rubric the judge applies to every comparison.")
     p.add_argument(
+        "--margin",
+        action="store_true",
+        default=_env.flag("margin"),
+        help="Also write a margin column, log(p / (1 - p)). TRL's RewardTrainer subtracts a margin column in its "
+        "loss whenever the dataset has one (-logsigmoid(r_chosen - r_rejected - margin)); off by default.",
+    )
+    p.add_argument(
         "--dataset-info",
         default=_env("dataset_info", None),
         help="Also add the output to this LLaMA-Factory dataset_info.json (sharegpt, ranking); adds the "
@@ -675,7 +693,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "label",
         help="Label DPO preference pairs with the judge service (resumable).",
         description="Ask a judge service which completion of each row is better and write TRL preference rows "
-        "(conversational, explicit prompt) with preference, margin, consistency, judge provenance and a stable id. "
+        "(conversational, explicit prompt) with preference, consistency, judge provenance and a stable id (the "
+        "Bradley-Terry margin with --margin). "
         "Ties, abstentions and low-confidence items go to the rejects file. Kill it at any moment and run the same "
         f"command again: it resumes. Every flag also reads an environment variable {ENV_PREFIX}<FLAG>.",
     )

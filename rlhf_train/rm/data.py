@@ -124,7 +124,7 @@ def parse_preference_row(
     if use_margin:
         raw = data.get("margin")
         if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
-            raise ValueError("--use-margin needs a finite number in every row's 'margin'")
+            raise ValueError("--use-margin needs a finite number in every row's 'margin' (from label --margin)")
         margin = float(raw)
     chosen_raw, rejected_raw = data["chosen"], data["rejected"]
     if data.get("prompt") is not None:

@@ -4,6 +4,7 @@ against a live reward service (``rlhf-feedback serve reward`` on a tiny Llama re
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import multiprocessing as mp
 import pickle
@@ -69,7 +70,7 @@ def judge(bg: BackgroundLoop) -> Iterator[FakeJudge]:
 
 async def call(func: Any, **kwargs: Any) -> Any:
     """Call a sync reward function in a thread (as a trainer would), an async one in this loop."""
-    if isinstance(func, AsyncRemoteReward | AsyncRemoteJudgeReward):
+    if inspect.iscoroutinefunction(func):
         return await func(**kwargs)
     return await asyncio.to_thread(lambda: func(**kwargs))
 
@@ -147,12 +148,24 @@ async def test_verbatim_template_source_and_prompt_key(service: RewardServer) ->
 @pytest.mark.parametrize("cls", TWINS)
 async def test_failed_items_are_none_with_reasons(cls: type, fake: FakeReward) -> None:
     logged: list[tuple[str, float]] = []
-    fn = cls(fake.url, max_failure_rate=0.5)
+    fn = cls(fake.url, max_failure_rate=0.5, on_failure="nan")
     completions = ["good", "FAIL", "fine", "okay"]
     out = await call(fn, prompts=["p"] * 4, completions=completions, log_metric=lambda k, v: logged.append((k, v)))
     assert list(out) == [4.0, None, 4.0, 4.0]  # never a zero
     assert set(out.errors) == {1} and out.errors[1].code == "DEADLINE_EXCEEDED"
     assert logged == [("remote_reward/failure_rate", 0.25)]
+
+    # by default ("auto") a None is given only to a GRPO/RLOO trainer that then drops the whole row
+    # (tests/clients/test_trl_framework.py); called any other way, a failed item raises
+    with pytest.raises(TooManyFailuresError) as info:
+        await call(cls(fake.url, max_failure_rate=0.5), prompts=["p"] * 4, completions=completions)
+    assert info.value.failure_rate == 0.25 and info.value.reasons[1].code == "DEADLINE_EXCEEDED"
+    assert "not a TRL GRPO/RLOO trainer" in info.value.__notes__[0] and "on_failure='nan'" in info.value.__notes__[0]
+    with pytest.raises(TooManyFailuresError) as info:  # asked for: raise on any failed item, wherever
+        await call(cls(fake.url, on_failure="raise"), prompts=["p"] * 4, completions=completions)
+    assert "(on_failure='raise')" in info.value.__notes__[0]
+    with pytest.raises(ValueError, match="on_failure"):
+        cls(fake.url, on_failure="zero")
 
 
 @pytest.mark.parametrize("cls", TWINS)
@@ -179,7 +192,7 @@ async def test_a_failed_request_counts_as_every_item_failing(cls: type, fake: Fa
     assert info.value.failure_rate == 1.0 and info.value.reasons[0].code == "INTERNAL"
     assert info.value.__cause__ is not None  # the client's ServerError
 
-    tolerant = cls(fake.url, max_failure_rate=1.0)  # the caller asked never to raise on failures
+    tolerant = cls(fake.url, max_failure_rate=1.0, on_failure="nan")  # the caller asked never to raise on failures
     out = await call(tolerant, prompts=["p"] * 2, completions=["HTTP500", "fine"])
     assert list(out) == [None, None] and out.errors[1].code == "INTERNAL"
 
@@ -200,6 +213,9 @@ def test_trl_sees_names_and_async_ness() -> None:
     assert not is_async_callable(RemoteJudgeReward("http://h:1"))
     assert is_async_callable(AsyncRemoteReward("http://h:1"))
     assert is_async_callable(AsyncRemoteJudgeReward("http://h:1"))
+    # trl 1.0-1.13 asked inspect.iscoroutinefunction of the instance (test_trl_framework.py: every style)
+    assert inspect.iscoroutinefunction(AsyncRemoteReward("http://h:1"))
+    assert not inspect.iscoroutinefunction(RemoteReward("http://h:1"))
     with pytest.raises(ValueError, match="max_failure_rate"):
         RemoteReward("http://h:1", max_failure_rate=1.5)
     for cls in (RemoteReward, AsyncRemoteReward, RemoteJudgeReward, AsyncRemoteJudgeReward):
@@ -219,7 +235,7 @@ def _score_in_child(payload: bytes, queue: Any) -> None:
 @pytest.mark.slow  # a spawned interpreter
 @pytest.mark.timeout(120)
 def test_pickled_into_a_spawned_process(fake: FakeReward) -> None:
-    fn = RemoteReward(fake.url, name="rm-in-child")
+    fn = RemoteReward(fake.url, name="rm-in-child", on_failure="nan")
     assert list(fn(prompts=["p"], completions=["used in the parent first"])) == [24.0]
     ctx = mp.get_context("spawn")  # what TRL's AsyncGRPO rollout worker uses
     queue = ctx.Queue()
@@ -241,7 +257,9 @@ def test_pickled_into_a_spawned_process(fake: FakeReward) -> None:
 @pytest.mark.parametrize("cls", JUDGE_TWINS)
 async def test_judge_grade_is_the_reward(cls: type, judge: FakeJudge) -> None:
     judge.bodies.clear()
-    fn = cls(judge.url, rubric="Be correct.", reference_key="answer", scale=(1, 10), max_failure_rate=0.5)
+    fn = cls(
+        judge.url, rubric="Be correct.", reference_key="answer", scale=(1, 10), max_failure_rate=0.5, on_failure="nan"
+    )
     prompts = [[{"role": "user", "content": "2+2?"}]] * 3
     completions = [
         [{"role": "assistant", "content": "four"}],

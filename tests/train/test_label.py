@@ -31,7 +31,8 @@ from rlhf_feedback.cli import main
 from rlhf_train.jobs.io import InputError, Journal, journal_path
 from tests.support.fakes import Call, FakeOpenAI, HttpError, PolicyInput, Sleep
 
-TRL_COLUMNS = {"id", "prompt", "chosen", "rejected", "preference", "margin", "consistent", "judge"}
+# "margin" only with --margin: TRL's RewardTrainer subtracts a margin column in its loss
+TRL_COLUMNS = {"id", "prompt", "chosen", "rejected", "preference", "consistent", "judge"}
 
 
 def marker_policy(req: PolicyInput) -> Any:
@@ -228,7 +229,6 @@ def test_rejects_with_reasons_and_exit_0(
         assert row["chosen"][0]["content"].startswith("[GOOD]") and row["rejected"][0]["content"].startswith("[BAD]")
         assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
         assert row["preference"] == pytest.approx(0.9, abs=1e-6)
-        assert row["margin"] == pytest.approx(2.1972245773, abs=1e-6)  # log(0.9 / 0.1)
         assert row["consistent"] is True
         assert row["judge"]["backend"] == "openai-compatible" and row["judge"]["model"] == "m"
         assert len(row["id"]) == 64
@@ -251,6 +251,18 @@ def test_rejects_with_reasons_and_exit_0(
     assert label(judge, inp, out, "--min-confidence", "0.5") == 0
     assert out.read_bytes() == before
     assert "5 done (0 this run, 5 earlier)" in capsys.readouterr().out
+    # --margin is a setting of the job: asked of this finished job, refused like any other
+    assert label(judge, inp, out, "--min-confidence", "0.5", "--margin") == 2
+    assert "other settings (margin_column: None then, True now)" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    # with it, the rows carry the Bradley-Terry margin of the judgment, and are otherwise the same
+    margin_out = tmp_path / "margin.jsonl"
+    assert label(judge, inp, margin_out, "--min-confidence", "0.5", "--margin") == 0
+    capsys.readouterr()
+    with_margin = read_jsonl(margin_out)
+    assert [set(r) for r in with_margin] == [TRL_COLUMNS | {"margin"}] * 2
+    assert [r["margin"] for r in with_margin] == pytest.approx([2.1972245773] * 2, abs=1e-6)  # log(0.9 / 0.1)
+    assert [{k: v for k, v in r.items() if k != "margin"} for r in with_margin] == data
     # Other settings with the same outputs: refused, nothing touched.
     assert label(judge, inp, out, "--min-confidence", "0.1") == 2
     assert "other settings (min_confidence: 0.5 then, 0.1 now)" in capsys.readouterr().err
@@ -291,10 +303,11 @@ def test_parquet_output_and_dataset_info(judge: ServerProcess, tmp_path: Path) -
     info.parent.mkdir()
     info.write_text(json.dumps({"existing": {"file_name": "x.json"}}), encoding="utf-8")
     out = tmp_path / "data" / "pairs.parquet"
-    assert label(judge, inp, out, "--dataset-info", str(info), "--dataset-name", "my_pairs") == 0
+    assert label(judge, inp, out, "--dataset-info", str(info), "--dataset-name", "my_pairs", "--margin") == 0
 
     table = pq.read_table(out)
-    assert set(table.column_names) >= TRL_COLUMNS
+    assert set(table.column_names) == TRL_COLUMNS | {"margin", "chosen_message", "rejected_message"}
+    assert table.column("margin").to_pylist() == pytest.approx([2.1972245773] * 4, abs=1e-6)
     assert table.num_rows == 4
     got = table.to_pylist()
     assert got[0]["prompt"] == [{"role": "user", "content": rows[0]["prompt"]}]
@@ -318,6 +331,7 @@ def test_parquet_output_and_dataset_info(judge: ServerProcess, tmp_path: Path) -
     assert label(judge, inp, tmp_path / "pairs.jsonl") == 0
     as_jsonl = read_jsonl(tmp_path / "pairs.jsonl")
     assert [r["id"] for r in as_jsonl] == [r["id"] for r in got]
+    assert all(set(r) == TRL_COLUMNS for r in as_jsonl)  # no --margin: no margin column
     assert [r["preference"] for r in as_jsonl] == pytest.approx([r["preference"] for r in got])
 
 
