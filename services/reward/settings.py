@@ -15,6 +15,9 @@ from services.runtime.batcher import BatcherConfig
 from services.runtime.device import Dtype
 from services.runtime.tokenizers import DEFAULT_TOKENIZE_WORKERS
 
+# OpenRLHF's `scores` (see services/reward/transports/openrlhf.py)
+OpenRLHFScores = Literal["raw", "sigmoid"]
+
 
 class RewardSettings(ServiceSettings):
     ENV_PREFIX: typing.ClassVar[str] = "RLHF_FEEDBACK_REWARD_"
@@ -91,6 +94,21 @@ class RewardSettings(ServiceSettings):
         None, description="Static normalisation mean (with --normalize-std); unset: running statistics."
     )
     normalize_std: float | None = Field(None, gt=0, description="Static normalisation standard deviation.")
+    openrlhf_rule: str | None = Field(
+        None,
+        description="OpenRLHF's /get_reward: a rule mixed into each reward, as module:function (e.g. "
+        "clients.integrations.rules:exact_match). It is called with query=, prompt=, label= (the sample's ground "
+        "truth) and response= (the query without its prompt) and returns a number; the reward is then "
+        "rm_weight * RM score + rule_weight * rule.",
+    )
+    openrlhf_rm_weight: float = Field(1.0, description="With --openrlhf-rule: the weight of the RM score.")
+    openrlhf_rule_weight: float = Field(1.0, description="With --openrlhf-rule: the weight of the rule's value.")
+    openrlhf_scores: OpenRLHFScores = Field(
+        "raw",
+        description="OpenRLHF's /get_reward: what `scores` (dynamic filtering, default range (0, 1)) carries: raw "
+        "(the reward) or sigmoid (the reward squashed into (0, 1)). `rewards` are always raw. A request can "
+        "override it with ?scores=raw|sigmoid on the URL.",
+    )
 
     @field_validator("head_weights", mode="before")
     @classmethod
