@@ -23,18 +23,24 @@ class Priority(str, enum.Enum):
 
 @dataclass(frozen=True)
 class RewardInput:
-    """One thing to score, in exactly one of three forms.
+    """One thing to score, in exactly one of four forms.
 
-    - ``text``: already rendered; tokenized as is, no special tokens added.
+    - ``text``: already rendered; tokenized as is, no special tokens added (unless
+      ``add_special_tokens``: then exactly as ``tokenizer(text)`` with its defaults, BOS and all,
+      as vLLM's pooling API does for its ``input`` strings).
     - ``prompt`` + ``response``: rendered with the reward model's own chat template
       (or as a sentence pair when it has none).
     - ``messages``: a whole conversation, rendered with the chat template.
+    - ``token_ids``: already tokenized (vLLM's pooling API takes them); scored as given, the
+      first ids dropped past the maximum length like a long ``text``.
     """
 
     text: str | None = None
     prompt: Prompt | None = None
     response: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
+    token_ids: tuple[int, ...] | None = None
+    add_special_tokens: bool = False
 
     @staticmethod
     def of_text(text: str) -> RewardInput:

@@ -155,6 +155,7 @@ class Renderer:
         tokenizer.truncation_side = "left"
         self.max_length = max_length
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self._wrap = _special_wrap(tokenizer)
 
     def encode(self, inputs: Sequence[RewardInput]) -> list[EncodedItem]:
         """Encode a request's items: short ``text`` and chat-template items in one batched
@@ -167,7 +168,11 @@ class Renderer:
         heads: dict[tuple[tuple[ChatMessage, ...], bool], str] = {}  # one render per distinct prompt
         short = _span(self.max_length, 1)  # tokenized whole by the window rule too
         for i, item in enumerate(inputs):
-            if item.text is not None:
+            if item.token_ids is not None:
+                out[i] = self._encode_ids(item.token_ids, i)
+            elif item.text is not None and item.add_special_tokens:
+                out[i] = self._encode_with_specials(item.text)
+            elif item.text is not None:
                 if len(item.text) <= short:
                     texts.append((i, item.text))
                 else:
@@ -235,6 +240,30 @@ class Renderer:
         )
 
     # -- per form -----------------------------------------------------------------------------
+
+    def _encode_with_specials(self, text: str) -> EncodedItem:
+        """``tokenizer(text)`` with its special tokens, cut to the maximum: the plain ids (through the
+        tail window when long) between the tokenizer's special prefix and suffix."""
+        if self._wrap is None:  # the special tokens change how the text splits: tokenize all of it
+            ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+            whole = True
+        else:
+            window = (
+                self._tokens(text, 0) if len(text) <= _span(self.max_length, 1) else self._window(text, self.max_length)
+            )
+            prefix, suffix = self._wrap
+            ids, whole = [*prefix, *window.ids, *suffix], window.whole
+        keep = ids[-self.max_length :] if len(ids) > self.max_length else ids
+        return EncodedItem(tuple(keep), truncated=not whole or len(keep) < len(ids))
+
+    def _encode_ids(self, ids: tuple[int, ...], i: int) -> EncodedItem:
+        """Token ids as given; an id the tokenizer does not know would index past the embeddings."""
+        vocab = len(self.tokenizer)
+        top = max(ids)
+        if top >= vocab:
+            raise invalid(f"token id {top} is outside the vocabulary (0..{vocab - 1})", item=i)
+        keep = ids[-self.max_length :] if len(ids) > self.max_length else ids
+        return EncodedItem(tuple(keep), truncated=len(keep) < len(ids))
 
     def _render(self, item: RewardInput, heads: dict[tuple[tuple[ChatMessage, ...], bool], str]) -> tuple[str, str]:
         """``(rendered, prompt part)`` with the chat template; the prompt part is "" when the
@@ -325,6 +354,18 @@ class Renderer:
         # the response only once the prompt is gone.
         kept = ids[excess:]
         return EncodedItem(tuple(kept), truncated=True, prompt_tokens=max(0, boundary - excess))
+
+
+def _special_wrap(tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The ids ``tokenizer(text)`` puts before and after a text's own ids (BOS, [CLS] ... [SEP]),
+    found on a probe; None when the text's ids do not appear unchanged between them."""
+    probe = "Hello world, 12 ok."
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for k in range(len(full) - len(plain) + 1):
+        if full[k : k + len(plain)] == plain:
+            return tuple(full[:k]), tuple(full[k + len(plain) :])
+    return None
 
 
 def _prompt_tokens(offsets: Sequence[tuple[int, int]], prefix: str) -> int:

@@ -63,12 +63,22 @@ def test_too_many_items_names_both_numbers() -> None:
         pytest.param(RewardInput(text="t", prompt="p", response="r"), id="text+pair"),
         pytest.param(RewardInput(text="t", response="r"), id="text+response"),
         pytest.param(RewardInput(messages=(USER,), prompt="p", response="r"), id="messages+pair"),
+        pytest.param(RewardInput(text="t", token_ids=(1,)), id="text+token_ids"),
     ],
 )
 def test_an_item_is_exactly_one_form(item: RewardInput) -> None:
     err = rejected([OK, item])
-    assert err.message == "an item is exactly one of {text}, {prompt, response} or {messages}"
+    assert err.message == "an item is exactly one of {text}, {prompt, response}, {messages} or {token_ids}"
     assert err.item == 1
+
+
+def test_token_ids_and_special_tokens() -> None:
+    assert rejected([OK, RewardInput(token_ids=())]).message == "token_ids is empty"
+    err = rejected([RewardInput(token_ids=(3, -2))])
+    assert (err.message, err.item) == ("token id -2 is negative", 0)
+    err = rejected([OK, RewardInput(messages=(USER,), add_special_tokens=True)])
+    assert (err.message, err.item) == ("add_special_tokens applies to text items only", 1)
+    validate_inputs([RewardInput(token_ids=(0, 5)), RewardInput(text="t", add_special_tokens=True)], LIMITS)
 
 
 def test_only_the_empty_string_is_an_empty_text() -> None:

@@ -349,3 +349,33 @@ def test_model_max_length_rule(tokenizer_max: Any, config: dict[str, int], overr
 def test_model_max_length_unknown_asks_for_the_flag() -> None:
     with pytest.raises(ValueError, match="pass --max-length"):
         model_max_length(SimpleNamespace(model_max_length=int(1e30)), SimpleNamespace(), None)
+
+
+# -- vLLM's pooling input forms: text with the tokenizer's special tokens, token ids -----------------
+
+
+@pytest.mark.parametrize("length", [5, 40, 300, 5000])
+def test_text_with_special_tokens_is_exactly_the_default_tokenizer_call(
+    llama_with_bos: Any, bert_tok: Any, length: int
+) -> None:
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "12", "times"]
+    text = " ".join(words[i % len(words)] for i in range(length))
+    for tok, max_length in ((llama_with_bos, LLAMA_MAX), (bert_tok, BERT_MAX)):
+        full = list(tok(text)["input_ids"])  # BOS first (Llama-style) or [CLS] ... [SEP] (BERT)
+        assert full != ids(tok, text)
+        (item,) = Renderer(tok, max_length).encode([RewardInput(text=text, add_special_tokens=True)])
+        assert list(item.input_ids) == full[-max_length:]
+        assert item.truncated == (len(full) > max_length)
+
+
+def test_token_ids_are_kept_as_given_and_checked_against_the_vocabulary(llama: Renderer, llama_tok: Any) -> None:
+    given = tuple(ids(llama_tok, "a fox and a dog"))
+    (item,) = llama.encode([RewardInput(token_ids=given)])
+    assert item.input_ids == given and not item.truncated
+    long = tuple(range(3, 3 + LLAMA_MAX + 10))
+    (cut,) = llama.encode([RewardInput(token_ids=long)])
+    assert cut.input_ids == long[-LLAMA_MAX:] and cut.truncated
+    with pytest.raises(ServiceError) as err:
+        llama.encode([RewardInput(text="ok"), RewardInput(token_ids=(1, len(llama_tok)))])
+    assert err.value.code == ErrorCode.INVALID_ARGUMENT and err.value.item == 1
+    assert "outside the vocabulary" in err.value.message

@@ -24,10 +24,22 @@ def validate_inputs(inputs: Sequence[RewardInput], limits: Limits) -> None:
 
 
 def _validate_item(item: RewardInput, i: int, max_bytes: int) -> None:
-    forms = [item.text is not None, item.messages is not None, item.prompt is not None or item.response is not None]
+    forms = [
+        item.text is not None,
+        item.messages is not None,
+        item.prompt is not None or item.response is not None,
+        item.token_ids is not None,
+    ]
     if sum(forms) != 1:
-        raise invalid("an item is exactly one of {text}, {prompt, response} or {messages}", item=i)
-    if item.text is not None:
+        raise invalid("an item is exactly one of {text}, {prompt, response}, {messages} or {token_ids}", item=i)
+    if item.add_special_tokens and item.text is None:
+        raise invalid("add_special_tokens applies to text items only", item=i)
+    if item.token_ids is not None:
+        if not item.token_ids:
+            raise invalid("token_ids is empty", item=i)
+        if min(item.token_ids) < 0:
+            raise invalid(f"token id {min(item.token_ids)} is negative", item=i)
+    elif item.text is not None:
         if item.text == "":
             raise invalid("text is empty", item=i)
         _check_text(item.text, i, max_bytes)

@@ -57,8 +57,10 @@ class FakeBackend:
         for i, x in enumerate(inputs):
             if x.text is not None and x.text == self.bug_text:
                 raise RuntimeError("secret internal detail that must not reach clients")
-            if x.text is not None:
-                prompt_ids: list[int] = []
+            prompt_ids: list[int] = []
+            if x.token_ids is not None:
+                resp_ids = list(x.token_ids)
+            elif x.text is not None:
                 resp_ids = self._tokens(x.text)
             elif x.messages is not None:
                 prompt_ids = self._tokens("".join(f"{m.role}:{m.content}\n" for m in x.messages[:-1]))
