@@ -23,6 +23,7 @@ class ErrorCode(str, enum.Enum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
+    NOT_FOUND = "NOT_FOUND"
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ ERROR_TABLE: dict[ErrorCode, ErrorSpec] = {
     ErrorCode.DEADLINE_EXCEEDED: ErrorSpec(504, grpc.StatusCode.DEADLINE_EXCEEDED, False),
     ErrorCode.UNAVAILABLE: ErrorSpec(503, grpc.StatusCode.UNAVAILABLE, True),
     ErrorCode.INTERNAL: ErrorSpec(500, grpc.StatusCode.INTERNAL, False),
+    # An unknown route (404) or a method the route does not have (405, the same domain error).
+    # Only the HTTP edge raises it: grpc itself answers an unknown method with UNIMPLEMENTED.
+    ErrorCode.NOT_FOUND: ErrorSpec(404, grpc.StatusCode.UNIMPLEMENTED, False),
 }
 
 # What a client sees for a bug: details stay in the server log.
@@ -52,7 +56,8 @@ class ServiceError(Exception):
     """A domain error with everything a transport needs to answer it.
 
     ``http_status`` overrides the table's status only within the same domain error (422 for a
-    schema violation and 413 for an oversized body are both INVALID_ARGUMENT).
+    schema violation and 413 for an oversized body are both INVALID_ARGUMENT; 405 for a method a
+    route does not have is NOT_FOUND).
     ``item`` is the index of the offending input item, when one item caused it.
     ``retry_after`` (seconds) is sent as ``Retry-After`` / ``retry-delay-ms`` trailing metadata.
     """

@@ -13,8 +13,12 @@ through :func:`run_until_disconnect`), then :func:`add_probe_routes`.
   ``max_body_bytes`` are ever buffered; a body that arrives too slowly is 408 (DEADLINE_EXCEEDED,
   raised by the server's ``receive``: :class:`services.common.http_guard.SlowBodyGuard`) and its
   connection is closed. RESOURCE_EXHAUSTED answers 429 with ``Retry-After`` (whole
-  seconds, rounded up). Anything unexpected is a 500 with the generic
+  seconds, rounded up). An unknown route is 404 and a method the route does not have 405 (with
+  ``Allow``), both NOT_FOUND. Anything unexpected is a 500 with the generic
   :data:`~services.common.errors.INTERNAL_MESSAGE`; the traceback goes to the log only.
+- /openapi.json shows every route's request and 200 bodies from the pydantic models the routes parse
+  and answer with (:func:`document_bodies`), every error status with the error body, and the Bearer
+  scheme when an API key is set; /docs is Swagger UI over it.
 - ``X-Request-Timeout`` (seconds, float) becomes an absolute ``time.monotonic()`` deadline for the
   engine; ``x-request-id`` is echoed (a uuid4 hex is made when absent); ``Authorization: Bearer`` is
   checked when an API key is set, except on :data:`~services.common.auth.OPEN_HTTP_PATHS`.
@@ -35,14 +39,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -91,9 +95,32 @@ class ClientGone(Exception):
 # -- error bodies -------------------------------------------------------------------------------
 
 
+# What each error status means, from the one error table (DESIGN.md); /docs shows these texts.
+ERROR_STATUS_TEXT: Mapping[int, str] = {
+    400: "Invalid input: bad JSON or UTF-8, an empty or too long list, a value or limit the service refuses "
+    "(INVALID_ARGUMENT; `item` names the offending input). Never retry.",
+    401: "No API key, or not a Bearer key (UNAUTHENTICATED).",
+    403: "The API key was not accepted (PERMISSION_DENIED).",
+    408: "The body arrived slower than the read timeout; the connection is closed (DEADLINE_EXCEEDED). Retry.",
+    413: "The body is over --max-body-bytes (INVALID_ARGUMENT); GET /v1/models reports the limit.",
+    422: "The body does not match the request schema (INVALID_ARGUMENT; `item` names the offending list item).",
+    429: "Overloaded: queue full or rate budget spent (RESOURCE_EXHAUSTED). Retry after `Retry-After` seconds.",
+    500: "A bug: a generic message, the details are in the server log (INTERNAL).",
+    503: "Not ready (loading) or draining (UNAVAILABLE). Retry, elsewhere.",
+    504: "The deadline (X-Request-Timeout) passed before the work was done (DEADLINE_EXCEEDED).",
+}
+
+
 def error_responses() -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for every status an edge can answer with the error body."""
-    return {status: {"model": ErrorBody} for status in (400, 401, 403, 408, 413, 422, 429, 500, 503, 504)}
+    out: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorBody, "description": text} for status, text in ERROR_STATUS_TEXT.items()
+    }
+    out[401]["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "`Bearer`"}}
+    out[429]["headers"] = {
+        "Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1}, "description": "Seconds."}
+    }
+    return out
 
 
 def error_response(err: ServiceError) -> OrjsonResponse:
@@ -107,6 +134,20 @@ def error_response(err: ServiceError) -> OrjsonResponse:
         log.error("internal error answered as 500: %s", err.message)
         err = ServiceError(ErrorCode.INTERNAL, INTERNAL_MESSAGE, item=err.item)
     return OrjsonResponse(err.to_body(), status_code=err.http_status, headers=headers)
+
+
+def routing_error(request: Request, exc: StarletteHTTPException) -> ServiceError:
+    """The domain error for an exception Starlette's router raised: 404 (no such route) and 405 (the
+    route exists, the method does not; ``Allow`` lists the methods) are NOT_FOUND, the error table's
+    "unknown route or method"; anything else keeps the old INVALID_ARGUMENT."""
+    where = f"{request.method} {request.url.path[:200]}"
+    if exc.status_code == 404:
+        return ServiceError(ErrorCode.NOT_FOUND, f"no route {where}; GET /openapi.json (or /docs) lists the routes")
+    if exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        message = f"{where}: method not allowed" + (f"; this route accepts {allow}" if allow else "")
+        return ServiceError(ErrorCode.NOT_FOUND, message, http_status=405)
+    return ServiceError(ErrorCode.INVALID_ARGUMENT, str(exc.detail), http_status=exc.status_code)
 
 
 def internal_response() -> OrjsonResponse:
@@ -354,10 +395,11 @@ def create_edge_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_exception(request: Request, exc: StarletteHTTPException) -> Response:
-        err = ServiceError(ErrorCode.INVALID_ARGUMENT, str(exc.detail), http_status=exc.status_code)
-        return OrjsonResponse(err.to_body(), status_code=exc.status_code, headers=exc.headers)
+        return OrjsonResponse(routing_error(request, exc).to_body(), status_code=exc.status_code, headers=exc.headers)
 
     app.add_middleware(EdgeMiddleware, api_key=api_key, metrics=metrics, route_names=route_names)
+    if api_key is not None:
+        document_bearer_auth(app)
     return app
 
 
@@ -399,45 +441,147 @@ def add_probe_routes(
 DocumentedRoute = tuple[str, type[BaseModel] | None, tuple[type[BaseModel], ...]]
 
 _REF = "#/components/schemas/{model}"
+# Names of a model's examples (see :func:`named_examples`); moved out of the JSON Schema into the
+# media type's ``examples`` map, which is what Swagger UI offers in its example menu.
+_EXAMPLE_NAMES = "x-example-names"
 
 
-def document_bodies(app: FastAPI, routes: Mapping[str, DocumentedRoute]) -> None:
+_METRICS_PATH = "/metrics"
+
+# ``X-Request-Timeout`` as an OpenAPI header parameter of every route that reads a body.
+_TIMEOUT_PARAMETER: dict[str, Any] = {
+    "name": "X-Request-Timeout",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "number", "exclusiveMinimum": 0},
+    "description": "Seconds the caller waits: work not done by then answers 504 (DEADLINE_EXCEEDED).",
+}
+
+
+def named_examples(**examples: Any) -> dict[str, Any]:
+    """A model's ``json_schema_extra``: JSON Schema ``examples``, named (the names label the examples
+    of a request or response body in /docs; :func:`document_bodies` moves them there)."""
+    return {"examples": list(examples.values()), _EXAMPLE_NAMES: list(examples)}
+
+
+class HealthOut(BaseModel):
+    """``GET /health/live`` and ``GET /health/ready`` when the answer is yes (else 503, the error body)."""
+
+    model_config = ConfigDict(json_schema_extra=named_examples(ready={"status": "ready", "state": "ready"}))
+
+    status: Literal["live", "ready"]
+    state: str = Field(description="The lifecycle state: starting, ready, draining, stopped or failed.")
+
+
+# The probe routes of :func:`add_probe_routes`, documented wherever the app has them.
+PROBE_DOCUMENTED: Mapping[str, DocumentedRoute] = {
+    "/health/live": ("get", None, (HealthOut,)),
+    "/health/ready": ("get", None, (HealthOut,)),
+}
+
+
+def document_bodies(app: FastAPI, *routes: Mapping[str, DocumentedRoute]) -> None:
     """Show the request and 200 bodies of ``routes`` (path -> method, request model, 200 shapes) in
-    /openapi.json.
+    /openapi.json, from the same pydantic models the routes parse and answer with.
 
     FastAPI cannot see them: the routes read their bodies themselves (bounded, strict, big ones off
-    the event loop) and answer with :class:`OrjsonResponse`, not a ``JSONResponse``.
+    the event loop) and answer with :class:`OrjsonResponse`, not a ``JSONResponse``. Several
+    mappings merge (a service's own routes, then e.g. a compatibility API's); the probe routes of
+    :func:`add_probe_routes` are documented too when the app has them. Every route with a request
+    body also documents the ``X-Request-Timeout`` header, and each body its models' examples.
     """
+    merged: dict[str, DocumentedRoute] = {}
+    for mapping in routes:
+        merged.update(mapping)
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = generate()
+        paths: dict[str, Any] = schema["paths"]
+        documented = {**{p: r for p, r in PROBE_DOCUMENTED.items() if p in paths}, **merged}
+        missing = sorted(p for p, (method, _, _) in documented.items() if method not in paths.get(p, {}))
+        if missing:
+            raise RuntimeError(f"documented routes the app does not have: {missing}")
         models: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {}
-        for _, request, shapes in routes.values():
+        for _, request, shapes in documented.values():
             if request is not None:
                 models[request, "validation"] = None
             models.update(dict.fromkeys((shape, "serialization") for shape in shapes))
-        _, defs = models_json_schema(list(models), ref_template=_REF)
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
-        for path, (method, request, shapes) in routes.items():
-            operation = schema["paths"][path][method]
+        # One call for every model, so that a model used by several routes is one component; the
+        # refs it returns name the components (pydantic renames a model whose input and output
+        # schemas differ, or two models of the same name).
+        refs, defs = models_json_schema(list(models), ref_template=_REF)
+        components: dict[str, Any] = defs.get("$defs", {})
+        names = {name: component.pop(_EXAMPLE_NAMES, None) for name, component in components.items()}
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        for path, (method, request, shapes) in documented.items():
+            operation = paths[path][method]
             if request is not None:
-                operation["requestBody"] = {"required": True, "content": _json(_ref(request))}
-            operation["responses"]["200"]["content"] = _json(_one_of(shapes))
+                ref = dict(refs[request, "validation"])
+                operation["requestBody"] = {
+                    "required": True,
+                    "content": _json(ref, _examples([ref], components, names)),
+                }
+                operation.setdefault("parameters", []).append(dict(_TIMEOUT_PARAMETER))
+            out = [dict(refs[shape, "serialization"]) for shape in shapes]
+            operation["responses"]["200"]["content"] = _json(
+                out[0] if len(out) == 1 else {"anyOf": out}, _examples(out, components, names)
+            )
+        if _METRICS_PATH in paths and "get" in paths[_METRICS_PATH]:
+            metrics = paths[_METRICS_PATH]["get"]["responses"]["200"]
+            metrics["content"] = {"text/plain": {"schema": {"type": "string"}}}
+            metrics["description"] = "Prometheus text exposition format"
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
 
 
-def _json(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"application/json": {"schema": schema}}
+def document_bearer_auth(app: FastAPI) -> None:
+    """Declare the ``Authorization: Bearer`` API key in /openapi.json, on every route that checks it
+    (all but :data:`~services.common.auth.OPEN_HTTP_PATHS`), so that /docs offers "Authorize"."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "The server's --api-key."}
+        }
+        for path, item in schema["paths"].items():
+            if path in OPEN_HTTP_PATHS:
+                continue
+            for operation in item.values():
+                operation["security"] = [{"bearer": []}]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _ref(model: type[BaseModel]) -> dict[str, Any]:
-    return {"$ref": _REF.format(model=model.__name__)}
+def _json(schema: dict[str, Any], examples: dict[str, Any] | None = None) -> dict[str, Any]:
+    media: dict[str, Any] = {"schema": schema}
+    if examples:
+        media["examples"] = examples
+    return {"application/json": media}
 
 
-def _one_of(shapes: Sequence[type[BaseModel]]) -> dict[str, Any]:
-    return _ref(shapes[0]) if len(shapes) == 1 else {"anyOf": [_ref(s) for s in shapes]}
+def _examples(
+    refs: Sequence[Mapping[str, Any]], components: Mapping[str, Any], names: Mapping[str, list[str] | None]
+) -> dict[str, Any]:
+    """The OpenAPI ``examples`` map of a body: the JSON Schema examples of each referenced model, by
+    name; a model without examples of its own that is a union (a ``RootModel`` over request
+    variants) shows its variants' examples."""
+    out: dict[str, Any] = {}
+    for ref in refs:
+        name = str(ref["$ref"]).rsplit("/", 1)[-1]
+        component = components.get(name, {})
+        values = component.get("examples") or []
+        if not values:
+            variants = component.get("oneOf") or component.get("anyOf") or []
+            out.update(_examples([v for v in variants if "$ref" in v], components, names))
+            continue
+        labels = names.get(name) or [f"{name} {i + 1}" for i in range(len(values))]
+        out.update({label: {"value": value} for label, value in zip(labels, values, strict=True)})
+    return out

@@ -12,6 +12,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
+from services.common.errors import ErrorCode
+
 # Discriminator tags appear in pydantic error locations; the transports strip them so that an
 # error names the field the client wrote (``prompt[0].role``), not the union member.
 PROMPT_TAGS = frozenset({"str", "messages"})
@@ -49,7 +51,7 @@ PromptWire = Annotated[
 
 
 class ErrorDetail(BaseModel):
-    code: str
+    code: str = Field(description=f"The error table's code: {', '.join(c.value for c in ErrorCode)}.")
     message: str
     item: int | None = Field(None, description="Index of the offending input item, when one caused it.")
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
-from services.common.http_support import BodyParser, Loc
+from services.common.http_support import BodyParser, Loc, named_examples
 from services.common.wire import PROMPT_TAGS, PromptWire, StrictModel
 from services.judge.engine.config import GRADE_SCALE_BOUNDS
 from services.judge.engine.validation import PROTOCOLS
@@ -48,6 +48,22 @@ class _JudgeRequest(StrictModel):
 class CompareRequest(_JudgeRequest):
     """``POST /v1/compare``: which of two responses is better."""
 
+    model_config = ConfigDict(
+        json_schema_extra=named_examples(
+            two_responses={
+                "prompt": "What is the capital of France?",
+                "responses": ["Paris.", "I think it is Lyon."],
+            },
+            rubric_and_reference={
+                "prompt": [{"role": "user", "content": "Summarize: the cat sat on the mat."}],
+                "responses": ["A cat sat on a mat.", "Dogs are loyal."],
+                "rubric": "Faithful to the text, and shorter is better.",
+                "reference": "A cat sat on a mat.",
+                "protocol": "single",
+            },
+        )
+    )
+
     responses: list[str] = Field(
         description="Exactly two responses: a, then b.", json_schema_extra={"minItems": 2, "maxItems": 2}
     )
@@ -71,6 +87,16 @@ class CompareRequest(_JudgeRequest):
 class RankRequest(_JudgeRequest):
     """``POST /v1/rank``: Bradley-Terry ranking of N >= 2 responses from pairwise judgments."""
 
+    model_config = ConfigDict(
+        json_schema_extra=named_examples(
+            three_responses={
+                "prompt": "Name a prime number greater than 10.",
+                "responses": ["11", "12", "13, since it has no divisors but 1 and itself."],
+                "principles": ["Be correct.", "Explain briefly."],
+            }
+        )
+    )
+
     responses: list[str] = Field(description="At least two responses.", json_schema_extra={"minItems": 2})
 
     def to_engine(self) -> RankInput:
@@ -88,6 +114,21 @@ _LO, _HI = GRADE_SCALE_BOUNDS
 
 class GradeRequest(_JudgeRequest):
     """``POST /v1/grade``: a rubric score of one response, mapped to [0, 1]."""
+
+    model_config = ConfigDict(
+        json_schema_extra=named_examples(
+            default_scale={
+                "prompt": "Explain photosynthesis in one sentence.",
+                "response": "Plants make sugar from light.",
+            },
+            rubric_and_scale={
+                "prompt": "Write a haiku about rain.",
+                "response": "Soft rain on the roof / the garden drinks in silence / puddles hold the sky",
+                "rubric": "5-7-5 syllables, one clear image.",
+                "scale": [1, 5],
+            },
+        )
+    )
 
     response: str
     scale: tuple[int, int] | None = Field(

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
+from services.common.http_support import named_examples
 from services.common.wire import ErrorBody, Message, PromptWire, StrictModel
 from services.reward.engine.results import CompareOutcome, ItemError, ItemResult, Limits, ModelRef, ScoreOutcome
 from services.runtime.chat import Prompt, as_messages, as_prompt
@@ -29,7 +30,7 @@ ITEM_TAGS = frozenset({"text", "messages", "pair"})
 class TextItem(StrictModel):
     """Already rendered text, tokenized as is (no special tokens added)."""
 
-    text: str
+    text: str = Field(json_schema_extra={"minLength": 1})  # the engine's check (400), documented
 
     def to_engine(self) -> RewardInput:
         return RewardInput(text=self.text)
@@ -38,7 +39,7 @@ class TextItem(StrictModel):
 class MessagesItem(StrictModel):
     """A whole conversation, rendered with the reward model's own chat template."""
 
-    messages: list[Message]
+    messages: list[Message] = Field(json_schema_extra={"minItems": 1})  # the engine's check (400), documented
 
     def to_engine(self) -> RewardInput:
         return RewardInput(messages=as_messages(self.messages))
@@ -82,12 +83,48 @@ Item = Annotated[
 ]
 
 
-class ScoreRequest(StrictModel):
-    """``POST /v1/score``."""
+# Examples shown in /docs (and checked against the models and a live service by tests/common/test_openapi.py).
+_CHATML = "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
+_MODEL = {"id": "my-org/my-reward-model", "revision": "0123abcd"}
 
-    inputs: list[Item]
-    priority: Literal["online", "batch"] = "online"
-    normalize: bool = False
+
+class ScoreRequest(StrictModel):
+    """``POST /v1/score``: one score per item, in request order."""
+
+    model_config = ConfigDict(
+        json_schema_extra=named_examples(
+            pairs={
+                "inputs": [
+                    {"prompt": "What is 2 + 2?", "response": "4"},
+                    {"prompt": "What is 2 + 2?", "response": "5"},
+                ]
+            },
+            conversation={
+                "inputs": [
+                    {
+                        "messages": [
+                            {"role": "system", "content": "You are terse."},
+                            {"role": "user", "content": "Name a prime number."},
+                            {"role": "assistant", "content": "7"},
+                        ]
+                    }
+                ],
+                "priority": "batch",
+            },
+            rendered_text={"inputs": [{"text": _CHATML + "4<|im_end|>\n"}]},
+        )
+    )
+
+    inputs: list[Item] = Field(
+        description="The items: {text} (rendered, tokenized as is), {prompt, response} (prompt: a string or "
+        "messages) or {messages} (rendered with the model's chat template). At most max_items_per_request "
+        "(GET /v1/models); an empty list is a 400.",
+        json_schema_extra={"minItems": 1},
+    )
+    priority: Literal["online", "batch"] = Field(
+        "online", description="online (rollouts) is served before batch (bulk labelling)."
+    )
+    normalize: bool = Field(False, description="Also report each score normalized by the server's statistics.")
 
     def to_engine(self) -> list[RewardInput]:
         return [item.to_engine() for item in self.inputs]
@@ -100,8 +137,20 @@ class ScoreRequest(StrictModel):
 class CompareRequest(StrictModel):
     """``POST /v1/compare``: N responses to one prompt, Bradley-Terry probabilities."""
 
-    prompt: PromptWire
-    responses: list[str]
+    model_config = ConfigDict(
+        json_schema_extra=named_examples(
+            three_responses={"prompt": "Name a prime number.", "responses": ["7", "8", "I don't know."]},
+            chat_prompt={
+                "prompt": [{"role": "user", "content": "Say hello in French."}],
+                "responses": ["Bonjour !", "Hello!"],
+            },
+        )
+    )
+
+    prompt: PromptWire = Field(description="A string, or chat messages [{role, content}, ...].")
+    responses: list[str] = Field(
+        description="The responses to compare (at least one).", json_schema_extra={"minItems": 1}
+    )
 
     def engine_prompt(self) -> Prompt:
         return as_prompt(self.prompt)
@@ -110,12 +159,21 @@ class CompareRequest(StrictModel):
 class GetRewardRequest(BaseModel):
     """``POST /get_reward``: OpenRLHF's remote reward-model payload.
 
-    ``query`` holds full rendered sequences (prompt + response, decoded with special tokens);
-    ``prompts`` and ``labels`` are accepted and not used by a reward model. Unknown keys are
+    ``query`` holds full rendered sequences (prompt + response, decoded with special tokens); an
+    empty list is answered with empty lists. ``prompts`` and ``labels`` (ground truth) go to the
+    server's rule hook (``--openrlhf-rule``) when it has one, else they are unused. Unknown keys are
     ignored, since forks of OpenRLHF send extra ones (``metas``, ``metadata``...).
     """
 
-    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    model_config = ConfigDict(
+        strict=True,
+        extra="ignore",
+        frozen=True,
+        json_schema_extra=named_examples(
+            one_sample={"query": [_CHATML + "4<|im_end|>"], "prompts": [_CHATML], "labels": ["4"]},
+            empty_shard={"query": []},
+        ),
+    )
 
     query: list[str]
     prompts: list[Any] | None = None
@@ -126,18 +184,24 @@ class GetRewardRequest(BaseModel):
 
 
 class NormalizationOut(BaseModel):
+    """The statistics ``normalized`` was computed with."""
+
     mean: float
     std: float
     source: Literal["static", "running"]
 
 
 class ModelOut(BaseModel):
+    """The model that produced the scores."""
+
     id: str
     revision: str
     normalization: NormalizationOut | None = Field(None, description="Only when the request asked to normalize.")
 
 
 class ScoredOut(BaseModel):
+    """One item's score."""
+
     score: float = Field(description="Raw model output (no sigmoid).")
     scores: list[float] | None = Field(None, description="Every head output, for vector heads.")
     num_tokens: int
@@ -146,11 +210,46 @@ class ScoredOut(BaseModel):
 
 
 class ScoreResponse(BaseModel):
+    """``POST /v1/score``'s answer: one result per input, in order; an item that failed at run time
+    carries its error (the others are still scored)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=named_examples(
+            scored={
+                "model": _MODEL,
+                "results": [
+                    {"score": 2.375, "num_tokens": 14, "truncated": False},
+                    {"score": -1.5, "num_tokens": 14, "truncated": False},
+                ],
+            },
+            one_item_failed={
+                "model": _MODEL,
+                "results": [
+                    {"score": 0.25, "num_tokens": 31, "truncated": False},
+                    {"error": {"code": "DEADLINE_EXCEEDED", "message": "deadline exceeded before scoring"}},
+                ],
+            },
+        )
+    )
+
     model: ModelOut
     results: list[ScoredOut | ErrorBody]
 
 
 class CompareResponse(BaseModel):
+    """``POST /v1/compare``'s answer."""
+
+    model_config = ConfigDict(
+        json_schema_extra=named_examples(
+            three_responses={
+                "model": _MODEL,
+                "scores": [2.1, -0.4, 0.3],
+                "probabilities": [0.8017, 0.0658, 0.1325],
+                "ranking": [0, 2, 1],
+            }
+        )
+    )
+
     model: ModelOut
     scores: list[float]
     probabilities: list[float] = Field(description="softmax(scores): P(response i is best).")
@@ -158,6 +257,19 @@ class CompareResponse(BaseModel):
 
 
 class GetRewardResponse(BaseModel):
+    """``POST /get_reward``'s answer, as OpenRLHF reads it (``extra_logs``: one number per query each)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=named_examples(
+            one_sample={
+                "rewards": [1.875],
+                "scores": [1.875],
+                "extra_logs": {"rm_num_tokens": [17.0], "rm_truncated": [0.0]},
+            },
+            empty_shard={"rewards": [], "scores": [], "extra_logs": {"rm_num_tokens": [], "rm_truncated": []}},
+        )
+    )
+
     rewards: list[float]
     scores: list[float]
     extra_logs: dict[str, list[float]]
@@ -189,6 +301,8 @@ class ModelCard(BaseModel):
 
 
 class ModelList(BaseModel):
+    """``GET /v1/models``: the loaded model and the limits a request must keep to."""
+
     object: Literal["list"] = "list"
     data: list[ModelCard]
 

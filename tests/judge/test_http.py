@@ -325,9 +325,9 @@ async def test_models_reports_the_judge_and_limits(svc: Svc) -> None:
 
 
 async def test_unknown_route_and_method_use_the_error_shape(svc: Svc) -> None:
-    assert_error(await svc.client.get("/nope"), 404, "INVALID_ARGUMENT")
+    assert_error(await svc.client.get("/nope"), 404, "NOT_FOUND")
     r = await svc.client.get("/v1/compare")
-    assert_error(r, 405, "INVALID_ARGUMENT")
+    assert_error(r, 405, "NOT_FOUND")
 
 
 async def test_client_disconnect_cancels_the_judgment(make_svc: Factory) -> None:

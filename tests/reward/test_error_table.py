@@ -46,6 +46,7 @@ class Both:
     backend: FakeBackend
     http: httpx.AsyncClient
     stub: pb_grpc.RewardServiceStub
+    channel: grpc.aio.Channel
 
 
 async def _both(backend: FakeBackend, *, start: bool = True, **kw: Any) -> AsyncIterator[Both]:
@@ -61,7 +62,7 @@ async def _both(backend: FakeBackend, *, start: bool = True, **kw: Any) -> Async
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http,
         grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
     ):
-        yield Both(engine, backend, http, pb_grpc.RewardServiceStub(channel))
+        yield Both(engine, backend, http, pb_grpc.RewardServiceStub(channel), channel)
         if backend.gate is not None:
             backend.gate.set()
     await handle.stop(0)
@@ -212,10 +213,22 @@ async def test_one_failed_batch_fails_only_its_items_on_both_transports() -> Non
         assert reply.results[0].error.code == "INTERNAL" and reply.results[1].HasField("score")
 
 
+async def test_unknown_route_or_method() -> None:
+    async for b in _both(FakeBackend()):
+        resp = await b.http.get("/v1/nope", headers=AUTH)
+        nope = b.channel.unary_unary("/rlhf.v1.RewardService/Nope", request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await nope(b"", metadata=GRPC_AUTH)
+        agree(ErrorCode.NOT_FOUND, resp, info.value)
+        r = await b.http.get("/v1/score", headers=AUTH)
+        assert (r.status_code, r.json()["error"]["code"], r.headers["allow"]) == (405, "NOT_FOUND", "POST")
+
+
 def test_every_row_is_walked() -> None:
     walked: set[ErrorCode] = {
         ErrorCode.INVALID_ARGUMENT, ErrorCode.UNAUTHENTICATED, ErrorCode.PERMISSION_DENIED,
         ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL,
+        ErrorCode.NOT_FOUND,
     }  # fmt: skip
     assert walked == set(ERROR_TABLE)
 

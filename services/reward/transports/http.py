@@ -40,23 +40,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from services.common.errors import ServiceError
 from services.common.http_support import (
     PROBE_ROUTE_NAMES,
     BodyParser,
+    DocumentedRoute,
     Loc,
     OrjsonResponse,
     add_probe_routes,
     create_edge_app,
+    document_bodies,
     request_deadline,
     run_until_disconnect,
 )
 from services.common.wire import PROMPT_TAGS
-from services.reward.engine.results import ItemError, ScoredItem
 from services.reward.engine.service import RewardEngine
 from services.reward.schemas import (
     ITEM_TAGS,
@@ -72,6 +73,8 @@ from services.reward.schemas import (
     score_body,
 )
 from services.reward.settings import RewardSettings
+from services.reward.transports.openrlhf import SCORES_MODES, get_reward_body, rule_hook, scores_mode
+from services.reward.transports.pooling import POOLING_DOCUMENTED, POOLING_ROUTE_NAMES, add_pooling_routes
 from services.runtime.items import Priority, RewardInput
 
 # Route → metrics label; anything else is "other" (bounded label cardinality).
@@ -79,6 +82,7 @@ ROUTE_NAMES: Mapping[str, str] = {
     "/v1/score": "score",
     "/v1/compare": "compare",
     "/get_reward": "get_reward",
+    **POOLING_ROUTE_NAMES,
     **PROBE_ROUTE_NAMES,
 }
 
@@ -100,6 +104,28 @@ def _clean_loc(loc: Sequence[int | str]) -> Loc:
 # Validation errors inside ``inputs[i]`` / ``responses[i]`` / ``query[i]`` carry that index as `item`.
 PARSER = BodyParser(item_lists=frozenset({"inputs", "responses", "query"}), clean_loc=_clean_loc)
 
+# What /openapi.json shows for each route: (method, request body model, 200 body shapes); the same
+# models the routes parse with. The probe routes are documented by ``document_bodies`` itself.
+DOCUMENTED: Mapping[str, DocumentedRoute] = {
+    "/v1/score": ("post", ScoreRequest, (ScoreResponse,)),
+    "/v1/compare": ("post", CompareRequest, (CompareResponse,)),
+    "/get_reward": ("post", GetRewardRequest, (GetRewardResponse,)),
+    "/v1/models": ("get", None, (ModelList,)),
+}
+
+# /get_reward's one query parameter (read by the route itself, so FastAPI cannot see it).
+GET_REWARD_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "scores",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "enum": list(SCORES_MODES)},
+            "description": "How `scores` is reported (default: the server's --openrlhf-scores); `rewards` stay raw.",
+        }
+    ]
+}
+
 
 # -- the app ------------------------------------------------------------------------------------
 
@@ -116,10 +142,11 @@ def create_http_app(engine: RewardEngine, settings: RewardSettings, *, api_key: 
         parser=PARSER,
     )
     app.state.engine = engine
+    rule = rule_hook(settings)
 
     # -- scoring ---------------------------------------------------------------------------------
 
-    @app.post("/v1/score", response_model=ScoreResponse, summary="Score prompt + response pairs")
+    @app.post("/v1/score", summary="Score items: rendered text, prompt + response, or a conversation")
     async def score(request: Request) -> Response:
         deadline = request_deadline(request)
         req = await PARSER.read(request, ScoreRequest, max_body)
@@ -129,7 +156,7 @@ def create_http_app(engine: RewardEngine, settings: RewardSettings, *, api_key: 
         )
         return OrjsonResponse(score_body(outcome))
 
-    @app.post("/v1/compare", response_model=CompareResponse, summary="Bradley-Terry comparison of N responses")
+    @app.post("/v1/compare", summary="Bradley-Terry comparison of N responses to one prompt")
     async def compare(request: Request) -> Response:
         deadline = request_deadline(request)
         req = await PARSER.read(request, CompareRequest, max_body)
@@ -138,35 +165,27 @@ def create_http_app(engine: RewardEngine, settings: RewardSettings, *, api_key: 
         )
         return OrjsonResponse(compare_body(outcome))
 
-    @app.post("/get_reward", response_model=GetRewardResponse, summary="OpenRLHF remote reward model")
+    @app.post("/get_reward", summary="OpenRLHF remote reward model", openapi_extra=GET_REWARD_OPENAPI)
     async def get_reward(request: Request) -> Response:
         deadline = request_deadline(request)
+        mode = scores_mode(request.query_params.get("scores"), settings.openrlhf_scores)
         req = await PARSER.read(request, GetRewardRequest, max_body)
-        inputs = [RewardInput(text=q) for q in req.query]
-        outcome = await run_until_disconnect(request, engine.score(inputs, priority=Priority.ONLINE, deadline=deadline))
-        rewards: list[float] = []
-        num_tokens: list[float] = []
-        truncated: list[float] = []
-        for i, r in enumerate(outcome.results):
-            if isinstance(r, ItemError):
-                raise ServiceError(r.code, f"query {i}: {r.message}", item=i)
-            assert isinstance(r, ScoredItem)
-            rewards.append(r.score)
-            num_tokens.append(float(r.num_tokens))
-            truncated.append(1.0 if r.truncated else 0.0)
-        return OrjsonResponse(
-            {
-                "rewards": rewards,
-                "scores": rewards,
-                "extra_logs": {"rm_num_tokens": num_tokens, "rm_truncated": truncated},
-            }
-        )
+        outcome = None
+        if req.query:  # OpenRLHF 0.11.0 posts {"query": []} to every endpoint but the first
+            inputs = [RewardInput(text=q) for q in req.query]
+            outcome = await run_until_disconnect(
+                request, engine.score(inputs, priority=Priority.ONLINE, deadline=deadline)
+            )
+        body = await get_reward_body(outcome, req.query, req.prompts, req.labels, rule=rule, mode=mode)
+        return OrjsonResponse(body)
 
     # -- model info, health, metrics ---------------------------------------------------------------
 
-    @app.get("/v1/models", response_model=ModelList, summary="The loaded model and the request limits")
+    @app.get("/v1/models", summary="The loaded model and the request limits")
     async def models() -> Response:
         return OrjsonResponse(models_body(engine.info, engine.limits, max_body_bytes=max_body, created=created))
 
+    add_pooling_routes(app, engine, settings)  # vLLM's /classify and /pooling
     add_probe_routes(app, engine, engine.metrics.registry, state=lambda: engine.state.value)
+    document_bodies(app, DOCUMENTED, POOLING_DOCUMENTED)
     return app
