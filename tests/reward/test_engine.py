@@ -286,6 +286,31 @@ async def test_invalid_requests_are_rejected_whole(
     assert rig.engine.lifecycle.in_flight == 0
 
 
+class NanFake(FakeBackend):
+    """A model that gives NaN (or inf) for items starting with ``nan`` (``inf``)."""
+
+    def forward(self, batch: Sequence[EncodedItem]) -> np.ndarray:
+        out = np.array(super().forward(batch), dtype=np.float32)
+        for i, it in enumerate(batch):
+            if bytes(it.input_ids).startswith(b"nan"):
+                out[i, -1] = np.nan
+            elif bytes(it.input_ids).startswith(b"inf"):
+                out[i, 0] = np.inf
+        return out
+
+
+@pytest.mark.parametrize("num_labels", [1, 2])
+async def test_a_non_finite_model_output_is_a_failed_item_never_a_number(make: Factory, num_labels: int) -> None:
+    rig = await make(NanFake(gate=threading.Event(), num_labels=num_labels))
+    out = await rig.engine.score([text("fine"), text("nan please"), text("inf too")])
+    ok, nan, inf = out.results
+    assert isinstance(ok, ScoredItem) and math.isfinite(ok.score)
+    for r in (nan, inf):
+        assert isinstance(r, ItemError) and r.code is ErrorCode.INTERNAL
+        assert "not a finite number" in r.message
+    assert rig.sample("rlhf_reward_items_total", outcome="internal") == 2
+
+
 async def test_a_bug_in_tokenization_raises_and_the_engine_keeps_serving(make: Factory) -> None:
     rig = await make(FakeBackend(bug_text="explode"))
     with pytest.raises(RuntimeError):

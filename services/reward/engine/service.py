@@ -228,6 +228,11 @@ class RewardEngine(LifecycleOwner):
                 return ItemError(exc.code, msg)
             return ItemError(ErrorCode.INTERNAL, INTERNAL_MESSAGE)
         row = np.asarray(fut.result(), dtype=np.float32).reshape(-1)
+        if not np.isfinite(row).all():
+            # JSON has no NaN (it would go out as null where a number is promised) and a NaN reward
+            # poisons a trainer's advantages: a failed item, with the reason, never a number.
+            log.warning("the model gave a non-finite output %s for an item of %d tokens", row.tolist(), num_tokens)
+            return ItemError(ErrorCode.INTERNAL, "the model's output for this item is not a finite number (NaN or inf)")
         if self._weights is None:
             return ScoredItem(score=float(row[0]), num_tokens=num_tokens, truncated=truncated)
         score = float(np.float32(np.dot(self._weights, row)))
@@ -328,6 +333,8 @@ class RewardEngine(LifecycleOwner):
 def _size_bound(x: RewardInput, max_length: int) -> int:
     """A cheap guess of an item's tokens after truncation (characters, plus a few template tokens
     per message), never above ``max_length``: it only sizes tokenization chunks."""
+    if x.token_ids is not None:
+        return min(max_length, len(x.token_ids))
     if x.text is not None:
         chars = len(x.text)
     elif x.messages is not None:
