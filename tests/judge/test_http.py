@@ -21,6 +21,7 @@ from protos.rlhf.v1 import judge_pb2_grpc as judge_pb_grpc
 from services.judge.backends.scripted import Failures, ScriptedBackend
 from services.judge.engine.service import JudgeEngine
 from services.judge.transports.http import create_http_app
+from tests.support.errors import assert_error
 from tests.support.fakes import FakeOpenAI, always_better
 from tests.support.judge import BAD, GOOD, judge_engine, judge_settings, sample
 
@@ -74,19 +75,6 @@ async def make_svc() -> AsyncIterator[Factory]:
 @pytest_asyncio.fixture
 async def svc(make_svc: Factory) -> Svc:
     return await make_svc()
-
-
-def assert_error(r: httpx.Response, status: int, code: str, item: int | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"}, body
-    assert body["error"]["code"] == code, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    if item is None:
-        assert "item" not in body["error"], body
-    else:
-        assert body["error"]["item"] == item, body
-    return body["error"]
 
 
 def assert_judged(body: dict[str, Any], backend: str = "scripted") -> None:

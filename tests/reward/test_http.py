@@ -25,6 +25,7 @@ from services.runtime.backends.fake import FakeBackend, fake_score
 from services.runtime.batcher import BatcherConfig
 from services.runtime.chat import ChatMessage
 from services.runtime.items import RewardInput
+from tests.support.errors import assert_error
 from tests.support.waiting import wait_until
 
 MAX_BODY = 2 * 2**20
@@ -106,19 +107,6 @@ async def make_svc() -> AsyncIterator[Factory]:
 @pytest_asyncio.fixture
 async def svc(make_svc: Factory) -> Svc:
     return await make_svc()
-
-
-def assert_error(r: httpx.Response, status: int, code: str, item: int | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"}, body
-    assert body["error"]["code"] == code, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    if item is None:
-        assert "item" not in body["error"], body
-    else:
-        assert body["error"]["item"] == item, body
-    return body["error"]
 
 
 # -- scoring -------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from services.reward.transports.pooling import POOLING_DOCUMENTED, POOLING_ROUTE
 from services.runtime.backends.base import RewardBackend
 from services.runtime.backends.fake import FakeBackend
 from services.runtime.items import EncodedItem
+from tests.support.errors import assert_error
 from tests.support.servers import BackgroundLoop, start_reward_server, start_uvicorn, stop_uvicorn
 
 MAX_ITEMS = 8
@@ -152,15 +153,6 @@ async def make_svc() -> AsyncIterator[Factory]:
 @pytest_asyncio.fixture
 async def svc(make_svc: Factory) -> Svc:
     return await make_svc()
-
-
-def assert_error(r: httpx.Response, status: int, code: str, *, item: int | None = None, says: str = "") -> None:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"}, body
-    assert body["error"]["code"] == code, body
-    assert says in body["error"]["message"], body
-    assert body["error"].get("item") == item, body
 
 
 # -- use_activation: raw scores, sigmoid, softmax ------------------------------------------------------
