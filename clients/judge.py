@@ -183,6 +183,69 @@ def _set_prompt(request: Any, prompt: str | list[dict[str, str]]) -> None:
 # -- the core ----------------------------------------------------------------------------------------
 
 
+def _request_body(
+    prompt: Prompt, *, rubric: str | None, reference: str | None, principles: Sequence[str] | None
+) -> dict[str, Any]:
+    try:
+        body: dict[str, Any] = {"prompt": _prompt_wire(prompt)}
+    except TypeError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    if rubric is not None:
+        body["rubric"] = rubric
+    if reference is not None:
+        body["reference"] = reference
+    if principles:
+        body["principles"] = list(principles)
+    return body
+
+
+def compare_request(
+    prompt: Prompt,
+    a: str,
+    b: str,
+    *,
+    rubric: str | None = None,
+    reference: str | None = None,
+    protocol: JudgeProtocol = "both_orders",
+    principles: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """One batch-job request, ``{"compare": body}``, with the very body :meth:`AsyncJudgeClient.compare` posts."""
+    body = _request_body(prompt, rubric=rubric, reference=reference, principles=principles)
+    body["responses"] = [a, b]
+    body["protocol"] = protocol
+    return {"compare": body}
+
+
+def rank_request(
+    prompt: Prompt,
+    responses: Sequence[str],
+    *,
+    rubric: str | None = None,
+    reference: str | None = None,
+    principles: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """One batch-job request, ``{"rank": body}``, with the very body :meth:`AsyncJudgeClient.rank` posts."""
+    body = _request_body(prompt, rubric=rubric, reference=reference, principles=principles)
+    body["responses"] = list(responses)
+    return {"rank": body}
+
+
+def grade_request(
+    prompt: Prompt,
+    response: str,
+    *,
+    rubric: str | None = None,
+    reference: str | None = None,
+    scale: tuple[int, int] = (1, 5),
+    principles: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """One batch-job request, ``{"grade": body}``, with the very body :meth:`AsyncJudgeClient.grade` posts."""
+    body = _request_body(prompt, rubric=rubric, reference=reference, principles=principles)
+    body["response"] = response
+    body["scale"] = [int(scale[0]), int(scale[1])]
+    return {"grade": body}
+
+
 class _JudgeCore(BaseCore):
     def _body(
         self,
@@ -192,17 +255,28 @@ class _JudgeCore(BaseCore):
         reference: str | None,
         principles: Sequence[str] | None,
     ) -> dict[str, Any]:
-        try:
-            body: dict[str, Any] = {"prompt": _prompt_wire(prompt)}
-        except TypeError as exc:
-            raise InvalidRequestError(str(exc)) from None
-        if rubric is not None:
-            body["rubric"] = rubric
-        if reference is not None:
-            body["reference"] = reference
-        if principles:
-            body["principles"] = list(principles)
-        return body
+        return _request_body(prompt, rubric=rubric, reference=reference, principles=principles)
+
+    async def batch_create(
+        self, requests: Sequence[Mapping[str, Any]], *, idempotency_key: str, deadline: float | None
+    ) -> dict[str, Any]:
+        body = {"idempotency_key": idempotency_key, "requests": list(requests)}
+
+        async def attempt(at: Attempt) -> dict[str, Any]:
+            if at.endpoint.kind != "http":
+                raise InvalidRequestError("the judge's batch API is HTTP only: pass an http(s):// judge URL")
+            return dict(await self.http_call(at, "POST", "/v1/batches", body))
+
+        # Retrying is safe: the idempotency key makes the service return the job it already has.
+        return await self.call(attempt, deadline=deadline)
+
+    async def batch_status(self, batch_id: str, *, deadline: float | None) -> dict[str, Any]:
+        async def attempt(at: Attempt) -> dict[str, Any]:
+            if at.endpoint.kind != "http":
+                raise InvalidRequestError("the judge's batch API is HTTP only: pass an http(s):// judge URL")
+            return dict(await self.http_call(at, "GET", f"/v1/batches/{batch_id}"))
+
+        return await self.call(attempt, deadline=deadline)
 
     def _pb_common(self, request: Any, body: Mapping[str, Any]) -> Any:
         _set_prompt(request, body["prompt"])
@@ -506,6 +580,19 @@ class AsyncJudgeClient(_JudgeClientBase):
         """The judge (backend, model, template hash) and the server's limits."""
         return await self._core.model_info(deadline=deadline_from(deadline_s))
 
+    async def batch_create(
+        self, requests: Sequence[Mapping[str, Any]], *, idempotency_key: str, deadline_s: float | None = None
+    ) -> dict[str, Any]:
+        """Start a batch job (``POST /v1/batches``): ``requests`` from :func:`compare_request`,
+        :func:`rank_request`, :func:`grade_request`; the same ``idempotency_key`` returns the same job.
+        The job (``id``, ``status``, ``queries``, ``usage``...) as the service answers it."""
+        return await self._core.batch_create(requests, idempotency_key=idempotency_key,
+                                             deadline=deadline_from(deadline_s))  # fmt: skip
+
+    async def batch_status(self, batch_id: str, *, deadline_s: float | None = None) -> dict[str, Any]:
+        """A batch job's progress (``GET /v1/batches/{id}``): ``status`` is ``completed`` when it is done."""
+        return await self._core.batch_status(batch_id, deadline=deadline_from(deadline_s))
+
     async def aclose(self) -> None:
         await self._core.aclose()
 
@@ -602,6 +689,19 @@ class JudgeClient(_JudgeClientBase):
         """The judge (backend, model, template hash) and the server's limits."""
         return run_sync(self._core.model_info(deadline=deadline_from(deadline_s)))
 
+    def batch_create(
+        self, requests: Sequence[Mapping[str, Any]], *, idempotency_key: str, deadline_s: float | None = None
+    ) -> dict[str, Any]:
+        """Start a batch job (``POST /v1/batches``): ``requests`` from :func:`compare_request`,
+        :func:`rank_request`, :func:`grade_request`; the same ``idempotency_key`` returns the same job.
+        The job (``id``, ``status``, ``queries``, ``usage``...) as the service answers it."""
+        return run_sync(self._core.batch_create(requests, idempotency_key=idempotency_key,
+                                                deadline=deadline_from(deadline_s)))  # fmt: skip
+
+    def batch_status(self, batch_id: str, *, deadline_s: float | None = None) -> dict[str, Any]:
+        """A batch job's progress (``GET /v1/batches/{id}``): ``status`` is ``completed`` when it is done."""
+        return run_sync(self._core.batch_status(batch_id, deadline=deadline_from(deadline_s)))
+
     def close(self) -> None:
         close_sync(self._core)
 
@@ -612,4 +712,4 @@ class JudgeClient(_JudgeClientBase):
         self.close()
 
 
-__all__ = ["AsyncJudgeClient", "JudgeClient"]
+__all__ = ["AsyncJudgeClient", "JudgeClient", "compare_request", "grade_request", "rank_request"]

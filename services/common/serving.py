@@ -111,10 +111,14 @@ async def run_service(
     stop: asyncio.Event | None = None,
     logger: logging.Logger = log,
     what: str = "model",
+    on_ready: Callable[[], None] | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> int:
     """Serve ``engine`` over the transports until ``stop`` is set (by SIGTERM/SIGINT when not given).
 
     ``http_app`` / ``grpc_server`` build the transports (None, or a zero port, disables one).
+    ``on_ready`` runs once the engine has started (background work that needs it, e.g. the judge's
+    batch driver resuming); ``on_stop`` is awaited after the drain, before the engine stops.
     Returns the process exit code: 0 after a drain, 1 when the engine failed to start.
     """
     if stop is None:
@@ -155,6 +159,8 @@ async def run_service(
     else:
         refresh()
         if loading in done:
+            if on_ready is not None:
+                on_ready()
             await stop_wait
         else:
             loading.cancel()
@@ -167,6 +173,8 @@ async def run_service(
         logger.warning("drain timed out after %.1fs; remaining work is failed with UNAVAILABLE", settings.drain_seconds)
     if grpc_handle is not None:
         await grpc_handle.stop(grace=1.0)
+    if on_stop is not None:
+        await on_stop()
     await engine.stop()
     if http is not None and http_task is not None:
         http.should_exit = True

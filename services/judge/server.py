@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from services.common.serving import run_service
 from services.judge.backends.base import JudgeBackend
@@ -43,12 +44,33 @@ async def serve_judge(settings: JudgeSettings, *, stop: asyncio.Event | None = N
     cache = JudgeCache(cache_path) if cache_path is not None else None
     # The engine owns the cache: its stop() closes it.
     engine = JudgeEngine(lambda: load_backend(settings), config, cache=cache, metrics=JudgeMetrics())
+    apps: list[Any] = []
+
+    def http_app() -> Any:
+        apps.append(create_http_app(engine, settings, api_key=api_key))
+        return apps[-1]
+
+    def batches() -> Any:
+        return getattr(apps[0].state, "batches", None) if apps else None
+
+    def resume_batches() -> None:
+        # provider batches a previous run left in flight are polled from start-up, not from the
+        # first client call
+        if (manager := batches()) is not None:
+            manager.ensure_running()
+
+    async def close_batches() -> None:
+        if (manager := batches()) is not None:
+            await manager.aclose()
+
     return await run_service(
         engine,
         settings,
-        http_app=lambda: create_http_app(engine, settings, api_key=api_key),
+        http_app=http_app,
         grpc_server=lambda: create_grpc_server(engine, settings, api_key=api_key),
         stop=stop,
         logger=log,
         what="judge backend",
+        on_ready=resume_batches,
+        on_stop=close_batches,
     )

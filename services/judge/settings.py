@@ -75,6 +75,31 @@ class JudgeSettings(ServiceSettings):
         "directory ($RLHF_FEEDBACK_CACHE, else $XDG_CACHE_HOME/rlhf-feedback, else ~/.cache/rlhf-feedback).",
     )
 
+    # -- batch jobs (POST /v1/batches: the providers' batch APIs, at batch prices) -------------------
+    batch_api: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Batch jobs through the provider's batch API (POST /v1/batches). auto: for openai and anthropic; "
+        "on: also for openai-compatible (its server must speak OpenAI's files + batches API); off: refused.",
+    )
+    batch_store: str | None = Field(
+        None,
+        description="SQLite file of the batch jobs (provider batch ids, which requests are done), so that a "
+        "restarted service resumes polling. Unset: beside the cache (judge-cache.batches.sqlite).",
+    )
+    batch_poll_s: float = Field(30.0, gt=0, description="Seconds between polls of the provider's unfinished batches.")
+    batch_max_attempts: int = Field(
+        3, ge=1, description="Submissions of one request (failed or expired ones are resubmitted) before it is failed."
+    )
+    batch_max_requests: int | None = Field(
+        None,
+        gt=0,
+        description="Most requests in one provider batch (unset: the provider's limit, 50000 for OpenAI, 100000 for "
+        "Anthropic; files are also kept under their size limits).",
+    )
+    batch_price_factor: float = Field(
+        0.5, gt=0, le=1, description="Batch price / interactive price (both providers charge half)."
+    )
+
     # -- rate control and budgets ------------------------------------------------------------------
     max_concurrency: int = Field(16, ge=1, description="Most provider calls at once (lowered on 429s, AIMD).")
     rpm: float | None = Field(

@@ -37,6 +37,7 @@ from services.common.http_support import (
 from services.judge.engine.service import JudgeEngine
 from services.judge.schemas import PARSER, CompareRequest, GradeRequest, RankRequest
 from services.judge.settings import JudgeSettings
+from services.judge.transports.batches import register_batch_routes
 from services.judge.wire import (
     AbstainOut,
     CompareOut,
@@ -104,6 +105,7 @@ def create_http_app(engine: JudgeEngine, settings: JudgeSettings, *, api_key: st
     async def models() -> Response:
         return OrjsonResponse(models_body(engine.info, engine.limits, max_body_bytes=max_body, created=created))
 
+    register_batch_routes(app, engine, settings)  # POST /v1/batches, GET /v1/batches/{id}
     add_probe_routes(app, engine, engine.metrics.registry, state=lambda: engine.state.value, what="the judge")
     document_bodies(app, DOCUMENTED)
     return app
