@@ -602,6 +602,11 @@ def _run(args: argparse.Namespace) -> int:
                 )
             )
             return 0
+        batch = None
+        if getattr(args, "batch_api", False) and pending:  # phase 1: the providers' batch APIs fill the cache
+            from rlhf_train.jobs.label_batch import run_batch_phase
+
+            batch = run_batch_phase(args, items, journal, job_config(opts), opts)
         outcome = asyncio.run(_label_all(args, items, pending, journal, state, opts, totals)) if pending else None
         _materialize(state, items, output, rejects, opts)
         done = all(it.key in state.done for it in items)
@@ -623,6 +628,8 @@ def _run(args: argparse.Namespace) -> int:
             elapsed=time.monotonic() - t0,
         )
     )
+    if batch is not None:
+        print(batch.text())
     return exit_code("label", outcome, pending=0 if done else len(items) - len(state.done), verb="judged")
 
 
@@ -685,6 +692,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=_env("dataset_name", None),
         help="The dataset_info.json entry's name (default: the output's stem).",
     )
+    from rlhf_train.jobs.label_batch import add_batch_arguments
+
+    add_batch_arguments(p, _env)
     add_request_flags(p, _env, request="judge", timeout=300.0, failed="its row counts", outputs="outputs")
 
 
