@@ -41,6 +41,7 @@ from services.reward.metrics import RewardMetrics
 from services.runtime.backends.base import RewardBackend, shared_prefix_fn
 from services.runtime.batcher import Batcher, BatcherConfig, BatchObserver
 from services.runtime.chat import Prompt
+from services.runtime.heads import head_weights
 from services.runtime.items import EncodedItem, ModelInfo, Priority, RewardInput
 from services.runtime.tokenizers import DEFAULT_TOKENIZE_WORKERS, tokenize_pool
 
@@ -110,7 +111,7 @@ class RewardEngine(LifecycleOwner):
         """Load the model off the event loop, run a warm-up batch, then report ready."""
         try:
             backend = await asyncio.to_thread(self._load_backend)
-            self._weights = _head_weights(self.config.head_weights, backend.info.num_labels)
+            self._weights = head_weights(self.config.head_weights, backend.info.num_labels)
             warm = backend.encode([RewardInput(text="Warm-up: is the model ready to score?")])
             await asyncio.to_thread(backend.forward, warm)
         except Exception:
@@ -403,16 +404,3 @@ class _Submitted:
     future: asyncio.Future[np.ndarray]
     num_tokens: int
     truncated: bool
-
-
-def _head_weights(weights: tuple[float, ...] | None, num_labels: int) -> np.ndarray | None:
-    """None for a scalar head; for a vector head the weights of the scalar ``score`` (default: mean)."""
-    if num_labels == 1:
-        if weights is not None and len(weights) != 1:
-            raise ValueError(f"--head-weights has {len(weights)} values but the model has 1 output")
-        return None
-    if weights is None:
-        return np.full(num_labels, 1.0 / num_labels, dtype=np.float32)
-    if len(weights) != num_labels:
-        raise ValueError(f"--head-weights has {len(weights)} values but the model has {num_labels} outputs")
-    return np.asarray(weights, dtype=np.float32)
