@@ -149,6 +149,11 @@ def test_label_batch_api_killed_twice_equals_an_interactive_run(provider: str, t
             assert list_cost == pytest.approx(interactive_cost, abs=1e-4)
             assert batch_cost == pytest.approx(list_cost / 2, abs=2e-6)
             assert "1000 verdict queries" in text and "0 failed" in text
+            print(
+                f"BATCH {len(fake.creates)} provider batches created ({n_held} before the kills), "
+                f"{sum(fake.batch_requests.values())} requests submitted for 1000 queries; "
+                f"cost ${batch_cost:.6f} at batch prices, ${list_cost:.6f} interactive"
+            )
 
             # An interactive rerun against the batch judge: all from the cache.
             again = tmp_path / "again" / "pairs.jsonl"
